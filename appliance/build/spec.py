@@ -1,0 +1,127 @@
+"""bundle.toml: what a release is made of, as written by the person who builds it."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import UsageError
+from appliance.trust.manifest import NAME_PATTERN, VERSION_PATTERN
+
+EMBEDDED_MODELS = ("gemma3-270m-q4_k_m",)
+QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
+_GOLDEN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\.jsonl$")
+_SERVING_DEFAULTS: dict[str, Any] = {
+    "context_size": 2048,
+    "threads": 0,  # 0: as many as the host has cores
+    "gpu_layers": 0,
+    "max_tokens": 512,
+    "sampling": {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "seed": -1},
+}
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    source: Path  # the bundle.toml itself
+    name: str
+    version: str
+    sequence: int
+    min_sequence: int
+    model_path: Path | None  # None: the embedded default named in `embedded`
+    embedded: str | None
+    quantize: str | None
+    model_card: Path
+    data_card: Path
+    eval_spec: Path
+    golden_sets: tuple[Path, ...]
+    serving: dict[str, Any] = field(default_factory=dict)
+    chat_template: Path | None = None
+
+
+def load_bundle_spec(path: Path) -> BundleSpec:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc}") from exc
+    try:
+        return _parse(path, raw)
+    except KeyError as exc:
+        raise UsageError(f"{path}: missing required key {exc.args[0]!r}") from exc
+
+
+def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
+    base = path.parent
+    release, model, cards, evals = raw["release"], raw["model"], raw["cards"], raw["eval"]
+    name, version = str(release["name"]), str(release["version"])
+    if not NAME_PATTERN.match(name):
+        raise UsageError(f"{path}: release name {name!r} must match {NAME_PATTERN.pattern}")
+    if not VERSION_PATTERN.match(version):
+        raise UsageError(f"{path}: version {version!r} must match {VERSION_PATTERN.pattern}")
+    sequence = _int(release["sequence"], "release.sequence", minimum=1)
+    min_sequence = _int(release.get("min_sequence", 0), "release.min_sequence", minimum=0)
+    if min_sequence > sequence:
+        raise UsageError(f"{path}: min_sequence must not exceed sequence")
+    embedded = model.get("embedded")
+    if (embedded is None) == (model.get("path") is None):
+        raise UsageError(f"{path}: [model] needs exactly one of 'path' or 'embedded'")
+    if embedded is not None and embedded not in EMBEDDED_MODELS:
+        raise UsageError(
+            f"{path}: unknown embedded model {embedded!r} ({', '.join(EMBEDDED_MODELS)})"
+        )
+    quantize = model.get("quantize")
+    if quantize is not None and quantize not in QUANT_TYPES:
+        raise UsageError(f"{path}: quantize must be one of {', '.join(QUANT_TYPES)}")
+    serving_raw = dict(raw.get("serving", {}))
+    template = serving_raw.pop("chat_template", None)
+    golden = tuple(_existing(base, g) for g in evals["golden"])
+    for g in golden:
+        if not _GOLDEN_NAME.match(g.name):
+            raise UsageError(
+                f"{path}: golden set file name {g.name!r} must match {_GOLDEN_NAME.pattern}"
+            )
+    if len({g.name for g in golden}) != len(golden):
+        raise UsageError(f"{path}: two golden sets share a file name")
+    return BundleSpec(
+        source=path,
+        name=name,
+        version=version,
+        sequence=sequence,
+        min_sequence=min_sequence,
+        model_path=_existing(base, model["path"]) if embedded is None else None,
+        embedded=embedded,
+        quantize=quantize,
+        model_card=_existing(base, cards["model"]),
+        data_card=_existing(base, cards["data"]),
+        eval_spec=_existing(base, evals["spec"]),
+        golden_sets=golden,
+        serving=_merge(_SERVING_DEFAULTS, serving_raw),
+        chat_template=_existing(base, template) if template else None,
+    )
+
+
+def _existing(base: Path, relative: str) -> Path:
+    candidate = (base / relative).resolve()
+    if not candidate.is_file():
+        raise UsageError(f"file named in bundle.toml does not exist: {candidate}")
+    return candidate
+
+
+def _int(value: object, what: str, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UsageError(f"{what} must be an integer >= {minimum}")
+    return value
+
+
+def _merge(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise UsageError(f"unknown [serving] keys: {', '.join(sorted(unknown))}")
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        merged[key] = _merge(defaults[key], value) if isinstance(value, dict) else value
+    return merged

@@ -1,0 +1,30 @@
+"""The `appliance` command: thin click groups that parse, call and print."""
+
+from __future__ import annotations
+
+import click
+
+from appliance import __version__
+from appliance.cli.bundle import bundle
+from appliance.cli.common import ApplianceGroup
+from appliance.cli.demo import demo
+from appliance.cli.keys import keys
+
+
+@click.group(cls=ApplianceGroup)
+@click.version_option(__version__, prog_name="appliance")
+def cli() -> None:
+    """Custom SLM Appliance: signed small-language-model releases, served offline.
+
+    State lives under $APPLIANCE_HOME when set, else in /etc/appliance and
+    /var/lib/appliance. Exit codes are listed in SECURITY.md.
+    """
+
+
+cli.add_command(keys)
+cli.add_command(bundle)
+cli.add_command(demo)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,146 @@
+"""`appliance keys`: signing keys and the trust store."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from appliance.cli.common import PASSPHRASE_ENV, emit_json, json_option, want_json_errors
+from appliance.errors import UsageError
+from appliance.paths import appliance_paths
+from appliance.trust.crypto import load_public_key
+from appliance.trust.keyfiles import write_key_pair
+from appliance.trust.truststore import (
+    TrustedKey,
+    load_trust_store,
+    revoke_key,
+    set_threshold,
+    trust_key,
+)
+
+
+@click.group()
+def keys() -> None:
+    """Generate signing keys; trust, list and revoke public keys; set the threshold."""
+
+
+@keys.command()
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory for NAME.key (private, mode 0600) and NAME.pub.",
+)
+@click.option("--name", default="signing", show_default=True, help="File name stem.")
+@click.option(
+    "--encrypt",
+    is_flag=True,
+    help=f"Encrypt the private key with a passphrase (from ${PASSPHRASE_ENV}, else prompted).",
+)
+@json_option
+@click.pass_context
+def generate(ctx: click.Context, out_dir: Path, name: str, encrypt: bool, as_json: bool) -> None:
+    """Generate an ECDSA P-256 signing key pair."""
+    want_json_errors(ctx, as_json)
+    passphrase = _new_passphrase() if encrypt else None
+    pair = write_key_pair(out_dir, name, passphrase)
+    result = {
+        "key_id": pair.key_id,
+        "private_key": str(pair.private_key),
+        "public_key": str(pair.public_key),
+        "encrypted": passphrase is not None,
+    }
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(
+            f"key id     {pair.key_id}\nprivate    {pair.private_key} (mode 0600)\n"
+            f"public     {pair.public_key}"
+        )
+
+
+@keys.command()
+@click.argument("public_key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", help="A label for the key (default: the file name stem).")
+@json_option
+@click.pass_context
+def trust(ctx: click.Context, public_key: Path, name: str | None, as_json: bool) -> None:
+    """Trust PUBLIC_KEY (PEM, ECDSA P-256) to sign bundles."""
+    want_json_errors(ctx, as_json)
+    key = trust_key(
+        appliance_paths().trust_store,
+        load_public_key(public_key.read_bytes()),
+        name or public_key.stem,
+    )
+    _print_key(key, as_json, verb="trusted")
+
+
+@keys.command()
+@click.argument("key_id")
+@json_option
+@click.pass_context
+def revoke(ctx: click.Context, key_id: str, as_json: bool) -> None:
+    """Revoke the trusted key KEY_ID (a unique prefix of at least 8 hex digits)."""
+    want_json_errors(ctx, as_json)
+    _print_key(revoke_key(appliance_paths().trust_store, key_id), as_json, verb="revoked")
+
+
+@keys.command(name="list")
+@json_option
+@click.pass_context
+def list_keys(ctx: click.Context, as_json: bool) -> None:
+    """List trusted and revoked keys and the signature threshold."""
+    want_json_errors(ctx, as_json)
+    store = load_trust_store(appliance_paths().trust_store)
+    if as_json:
+        emit_json(
+            {"threshold": store.threshold, "keys": [_key_dict(k) for k in store.keys.values()]}
+        )
+        return
+    click.echo(f"threshold: {store.threshold} distinct trusted key(s) per bundle")
+    if not store.keys:
+        click.echo("no keys (appliance keys trust PUB.pem)")
+    for key in store.keys.values():
+        status = f"revoked {key.revoked}" if key.revoked else "trusted"
+        click.echo(f"{key.key_id}  {key.name:<16} added {key.added}  {status}")
+
+
+@keys.command()
+@click.argument("k", type=int, required=False)
+@json_option
+@click.pass_context
+def threshold(ctx: click.Context, k: int | None, as_json: bool) -> None:
+    """Show, or set to K, how many distinct trusted keys must sign a bundle."""
+    want_json_errors(ctx, as_json)
+    path = appliance_paths().trust_store
+    store = load_trust_store(path) if k is None else set_threshold(path, k)
+    if as_json:
+        emit_json({"threshold": store.threshold})
+    else:
+        click.echo(f"threshold: {store.threshold}")
+
+
+def _new_passphrase() -> bytes:
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    if passphrase is None:
+        passphrase = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True)
+    if not passphrase:
+        raise UsageError("an empty passphrase does not encrypt anything")
+    return passphrase.encode()
+
+
+def _key_dict(key: TrustedKey) -> dict[str, object]:
+    fields = asdict(key)
+    fields.pop("pem")
+    return {**fields, "status": "revoked" if key.revoked else "trusted"}
+
+
+def _print_key(key: TrustedKey, as_json: bool, verb: str) -> None:
+    if as_json:
+        emit_json(_key_dict(key))
+    else:
+        click.echo(f"{verb} {key.key_id} ({key.name})")

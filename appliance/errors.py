@@ -1,0 +1,77 @@
+"""One error hierarchy: every user-facing failure is a one-line message and an exit code.
+
+Exit codes are part of the interface (scripts branch on them); they are documented in
+SECURITY.md and must not be renumbered.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance reports to a user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(ApplianceError):
+    """Bad arguments or a bad input file that is not a bundle (bundle.toml, key file)."""
+
+    exit_code = 3
+
+
+class KeyStoreError(ApplianceError):
+    """A trust-store change that cannot be made (unknown key, revoked key re-trusted)."""
+
+    exit_code = 4
+
+
+class VerificationError(ApplianceError):
+    """A bundle failed verification. Subclasses give each kind of failure its own code."""
+
+    exit_code = 10
+
+
+class SignatureError(VerificationError):
+    """Signature missing, malformed, or not matching its payload."""
+
+    exit_code = 10
+
+
+class UntrustedKeyError(VerificationError):
+    """Signed only by keys that are not trusted, or that were revoked."""
+
+    exit_code = 11
+
+
+class ThresholdError(VerificationError):
+    """Fewer distinct trusted keys signed than the trust store's threshold requires."""
+
+    exit_code = 12
+
+
+class IntegrityError(VerificationError):
+    """A file's hash or size differs from the signed manifest, or a file is missing/extra."""
+
+    exit_code = 13
+
+
+class UnsafeArchiveError(VerificationError):
+    """The tar holds something that must never be extracted (links, '..', devices, ...)."""
+
+    exit_code = 14
+
+
+class GGUFError(VerificationError):
+    """The GGUF file's header is malformed or out of bounds."""
+
+    exit_code = 15
+
+
+class UnreadableInputError(VerificationError):
+    """The input cannot be read at all (missing, permission denied, not a tar)."""
+
+    exit_code = 16

@@ -1,0 +1,1 @@
+"""Keys, signatures, manifests and bundle verification. Knows nothing of the store."""

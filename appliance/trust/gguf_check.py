@@ -1,0 +1,222 @@
+"""Our own bounded GGUF header check, run before llama.cpp ever sees a file.
+
+llama.cpp's GGUF parser has a history of memory-safety bugs on hostile headers, so every
+count, length, type, shape and offset is checked here against fixed bounds and the real
+file size. Only the header bytes are needed (the caller passes the first bytes of the
+file and its total size); tensor data is never read.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+from appliance.errors import GGUFError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+MAX_HEADER_BYTES = 64 << 20
+MAX_TENSORS = 65_536
+MAX_KV = 65_536
+MAX_STRING_BYTES = 1 << 20
+MAX_ARRAY_ITEMS = 1 << 24
+MAX_DIMS = 4
+MAX_ALIGNMENT = 1 << 16
+DEFAULT_ALIGNMENT = 32
+
+_SCALARS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.FLOAT64: "<d",
+    GGUFValueType.BOOL: "<?",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GGUFSummary:
+    version: int
+    architecture: str
+    name: str
+    file_type: str
+    parameter_count: int
+    tensor_count: int
+    context_length: int | None
+    header_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Cursor:
+    def __init__(self, data: bytes, complete: bool) -> None:
+        self.data, self.pos, self.complete = memoryview(data), 0, complete
+
+    def take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if end > len(self.data):
+            if self.complete:
+                raise GGUFError("GGUF header is truncated")
+            raise GGUFError(f"GGUF header is larger than {MAX_HEADER_BYTES} bytes")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def scalar(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        length = self.scalar("<Q")
+        if length > MAX_STRING_BYTES:
+            raise GGUFError(f"GGUF string length {length} exceeds {MAX_STRING_BYTES}")
+        try:
+            return bytes(self.take(length)).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GGUFError("GGUF string is not valid UTF-8") from exc
+
+
+def check_gguf_header(head: bytes, file_size: int) -> GGUFSummary:
+    """Validate a GGUF header. `head` is the file's first min(size, MAX_HEADER_BYTES) bytes."""
+    cursor = _Cursor(head, complete=len(head) >= file_size)
+    if bytes(cursor.take(4)) != GGUF_MAGIC:
+        raise GGUFError("not a GGUF file (bad magic)")
+    version = cursor.scalar("<I")
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = cursor.scalar("<Q"), cursor.scalar("<Q")
+    if n_tensors > MAX_TENSORS:
+        raise GGUFError(f"GGUF tensor count {n_tensors} exceeds {MAX_TENSORS}")
+    if n_kv > MAX_KV:
+        raise GGUFError(f"GGUF key/value count {n_kv} exceeds {MAX_KV}")
+    metadata = _read_metadata(cursor, n_kv)
+    tensors = _read_tensor_infos(cursor, n_tensors)
+    alignment = _alignment(metadata)
+    data_start = -(-cursor.pos // alignment) * alignment
+    parameter_count = _check_tensor_layout(tensors, alignment, data_start, file_size)
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFError("GGUF has no general.architecture")
+    context = metadata.get(f"{arch}.context_length")
+    return GGUFSummary(
+        version=version,
+        architecture=arch,
+        name=str(metadata.get("general.name", "")),
+        file_type=_file_type_name(metadata.get("general.file_type")),
+        parameter_count=parameter_count,
+        tensor_count=n_tensors,
+        context_length=context if isinstance(context, int) else None,
+        header_bytes=data_start,
+    )
+
+
+def _read_metadata(cursor: _Cursor, n_kv: int) -> dict[str, Any]:
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        if key in metadata:
+            raise GGUFError(f"duplicate GGUF key {key!r}")
+        metadata[key] = _read_value(cursor, _value_type(cursor.scalar("<I")), depth=0)
+    return metadata
+
+
+def _read_value(cursor: _Cursor, vtype: GGUFValueType, depth: int) -> Any:
+    if vtype == GGUFValueType.STRING:
+        return cursor.string()
+    if vtype != GGUFValueType.ARRAY:
+        return cursor.scalar(_SCALARS[vtype])
+    if depth > 0:
+        raise GGUFError("nested GGUF arrays are not accepted")
+    item_type = _value_type(cursor.scalar("<I"))
+    count = cursor.scalar("<Q")
+    if count > MAX_ARRAY_ITEMS:
+        raise GGUFError(f"GGUF array length {count} exceeds {MAX_ARRAY_ITEMS}")
+    if item_type == GGUFValueType.ARRAY:
+        raise GGUFError("nested GGUF arrays are not accepted")
+    if item_type == GGUFValueType.STRING:
+        for _ in range(count):
+            cursor.string()
+    else:
+        cursor.take(count * struct.calcsize(_SCALARS[item_type]))
+    return count  # array contents are not needed by any check; only their bounds
+
+
+def _value_type(raw: int) -> GGUFValueType:
+    try:
+        return GGUFValueType(raw)
+    except ValueError as exc:
+        raise GGUFError(f"invalid GGUF value type {raw}") from exc
+
+
+def _read_tensor_infos(cursor: _Cursor, n_tensors: int) -> list[tuple[str, list[int], int, int]]:
+    tensors, names = [], set()
+    for _ in range(n_tensors):
+        name = cursor.string()
+        if name in names:
+            raise GGUFError(f"duplicate GGUF tensor {name!r}")
+        names.add(name)
+        n_dims = cursor.scalar("<I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(f"tensor {name!r} has {n_dims} dimensions")
+        shape = [cursor.scalar("<Q") for _ in range(n_dims)]
+        raw_type = cursor.scalar("<I")
+        offset = cursor.scalar("<Q")
+        tensors.append((name, shape, raw_type, offset))
+    return tensors
+
+
+def _alignment(metadata: dict[str, Any]) -> int:
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (
+        not isinstance(alignment, int)
+        or alignment < 1
+        or alignment > MAX_ALIGNMENT
+        or alignment & (alignment - 1)
+    ):
+        raise GGUFError(f"GGUF alignment {alignment!r} is not a power of two <= {MAX_ALIGNMENT}")
+    return alignment
+
+
+def _check_tensor_layout(
+    tensors: list[tuple[str, list[int], int, int]], alignment: int, data_start: int, file_size: int
+) -> int:
+    if data_start > file_size:
+        raise GGUFError("GGUF tensor data starts beyond the end of the file")
+    data_size = file_size - data_start
+    spans, parameters = [], 0
+    for name, shape, raw_type, offset in tensors:
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
+        except (ValueError, KeyError) as exc:
+            raise GGUFError(f"tensor {name!r} has invalid type {raw_type}") from exc
+        elements = 1
+        for dim in shape:
+            if dim < 1 or dim > 1 << 40:
+                raise GGUFError(f"tensor {name!r} has invalid dimension {dim}")
+            elements *= dim
+        if shape[0] % block:
+            raise GGUFError(f"tensor {name!r}: row size {shape[0]} is not a multiple of {block}")
+        if offset % alignment:
+            raise GGUFError(f"tensor {name!r} offset {offset} is not aligned to {alignment}")
+        nbytes = elements // block * type_size
+        if offset + nbytes > data_size:
+            raise GGUFError(f"tensor {name!r} data extends beyond the end of the file")
+        spans.append((offset, offset + nbytes, name))
+        parameters += elements
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise GGUFError(f"tensors {first!r} and {second!r} overlap")
+    return parameters
+
+
+def _file_type_name(raw: object) -> str:
+    if not isinstance(raw, int):
+        return "unknown"
+    try:
+        return LlamaFileType(raw).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"unknown({raw})"

@@ -1,0 +1,272 @@
+"""Bundle verification: one streaming pass over the tar, failing closed at the first doubt.
+
+The checklist, in order:
+  1. the input opens as a plain tar;
+  2. the leading entries are signature files (and nothing else comes before them);
+  3. the signatures carry one identical Statement, and at least `threshold` distinct
+     trusted, unrevoked keys signed it;
+  4. every following member is a safe archive entry (archive.classify_member), is listed
+     in the signed manifest, has the signed size and sha256, and appears once;
+  5. no signed file is missing;
+  6. the GGUF header passes our own bounded check (only after its hash matched).
+Content is hashed as it streams by; with `extract_to` it is also written there, but the
+caller must treat that directory as untrusted until this function returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from appliance.errors import (
+    IntegrityError,
+    SignatureError,
+    ThresholdError,
+    UnreadableInputError,
+    UnsafeArchiveError,
+    UntrustedKeyError,
+    UsageError,
+)
+from appliance.trust.archive import MAX_SIGNATURES, MODEL_FILE, ArchiveLimits, classify_member
+from appliance.trust.gguf_check import MAX_HEADER_BYTES, GGUFSummary, check_gguf_header
+from appliance.trust.manifest import Manifest, parse_statement
+from appliance.trust.signature import (
+    MAX_SIGNATURE_FILE_BYTES,
+    SignedEnvelope,
+    parse_signature_file,
+)
+from appliance.trust.truststore import TrustStore
+
+CHUNK_BYTES = 1 << 20
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    manifest: Manifest
+    signers: tuple[str, ...]  # distinct trusted key ids whose signatures counted
+    ignored_signers: tuple[tuple[str, str], ...]  # (key id, "untrusted" | "revoked")
+    gguf: GGUFSummary
+    signature_files: dict[str, bytes]
+
+
+def verify_bundle(
+    path: Path,
+    trust: TrustStore,
+    *,
+    limits: ArchiveLimits | None = None,
+    extract_to: Path | None = None,
+    progress: Progress | None = None,
+) -> VerifiedBundle:
+    """Verify a bundle file; return what was verified or raise a VerificationError."""
+    try:
+        source = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise UnreadableInputError(f"cannot read {path}: {exc.strerror}") from exc
+    with source:
+        return _StreamVerifier(trust, limits or ArchiveLimits(), extract_to, progress).run(source)
+
+
+def unpack_bundle(path: Path, trust: TrustStore, out_dir: Path) -> VerifiedBundle:
+    """Verify and lay out a bundle's files in out_dir, which appears only if all checks pass."""
+    if out_dir.exists():
+        raise UsageError(f"{out_dir} already exists")
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        verified = verify_bundle(path, trust, extract_to=staging)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return verified
+
+
+class _StreamVerifier:
+    def __init__(
+        self,
+        trust: TrustStore,
+        limits: ArchiveLimits,
+        extract_to: Path | None,
+        progress: Progress | None,
+    ) -> None:
+        self.trust, self.limits, self.extract_to = trust, limits, extract_to
+        self.progress = progress or (lambda _n: None)
+        self.seen: set[str] = set()
+        self.members = 0
+        self.total_bytes = 0
+
+    def run(self, source: BinaryIO) -> VerifiedBundle:
+        # 1. A plain tar, read forward only.
+        try:
+            tar = tarfile.open(fileobj=source, mode="r|")  # noqa: SIM115 - entered below
+        except tarfile.TarError as exc:
+            raise UnreadableInputError(f"not a plain tar archive: {exc}") from exc
+        with tar:
+            members = self._members(tar)
+            # 2. + 3. Leading signatures, checked before any content is read.
+            signature_files, first_content = self._read_signatures(tar, members)
+            manifest, signers, ignored = self._check_signatures(signature_files)
+            # 4. Every content member against the manifest.
+            hashed, gguf_head = self._hash_content(tar, members, first_content, manifest)
+        # 5. Nothing missing.
+        missing = sorted(set(manifest.files) - hashed)
+        if missing:
+            raise IntegrityError(f"signed file missing from the bundle: {', '.join(missing)}")
+        # 6. Our GGUF header check, on bytes whose hash already matched.
+        gguf = check_gguf_header(gguf_head, manifest.files[MODEL_FILE].size)
+        return VerifiedBundle(manifest, signers, ignored, gguf, signature_files)
+
+    def _members(self, tar: tarfile.TarFile):
+        while True:
+            try:
+                info = tar.next()
+            except tarfile.TarError as exc:
+                if self.members == 0:
+                    raise UnreadableInputError(f"not a plain tar archive: {exc}") from exc
+                raise IntegrityError(f"archive is truncated or corrupt: {exc}") from exc
+            if info is None:
+                return
+            self.members += 1
+            if self.members > self.limits.max_members:
+                raise UnsafeArchiveError(f"more than {self.limits.max_members} archive members")
+            kind = classify_member(info, self.limits)
+            if info.name in self.seen:
+                raise UnsafeArchiveError(f"duplicate name in archive: {info.name!r}")
+            self.seen.add(info.name)
+            self.total_bytes += info.size
+            if self.total_bytes > self.limits.max_total_bytes:
+                raise UnsafeArchiveError(
+                    f"archive content exceeds {self.limits.max_total_bytes} bytes"
+                )
+            if kind == "dir":
+                continue
+            yield kind, info
+
+    def _read_signatures(self, tar, members):
+        signatures: dict[str, bytes] = {}
+        for kind, info in members:
+            if kind != "signature":
+                if not signatures:
+                    raise SignatureError("bundle is not signed: it has no signature entry first")
+                return signatures, info
+            if len(signatures) >= MAX_SIGNATURES:
+                raise UnsafeArchiveError(f"more than {MAX_SIGNATURES} signature entries")
+            if info.size > MAX_SIGNATURE_FILE_BYTES:
+                raise SignatureError(f"signature entry {info.name} is implausibly large")
+            signatures[info.name] = self._read_member(tar, info, keep=info.size)[1]
+        raise SignatureError("bundle holds signatures but no content")
+
+    def _check_signatures(self, signature_files: dict[str, bytes]):
+        envelopes = [parse_signature_file(data) for data in signature_files.values()]
+        payload = envelopes[0].payload
+        if any(e.payload != payload for e in envelopes):
+            raise SignatureError("the signatures in the bundle sign different statements")
+        signers, ignored = self._count_signers(envelopes)
+        manifest = parse_statement(payload)
+        if MODEL_FILE not in manifest.files:
+            raise IntegrityError(f"the signed manifest lists no {MODEL_FILE}")
+        return manifest, signers, ignored
+
+    def _count_signers(self, envelopes: list[SignedEnvelope]):
+        if not self.trust.keys:
+            raise UntrustedKeyError("the trust store holds no keys (appliance keys trust PUB.pem)")
+        signers: list[str] = []
+        ignored: list[tuple[str, str]] = []
+        for envelope in envelopes:
+            key = self.trust.active_key(envelope.key_hint)
+            if key is None:
+                status = "revoked" if self.trust.is_revoked(envelope.key_hint) else "untrusted"
+                ignored.append((envelope.key_hint, status))
+                continue
+            if not envelope.verify_with(key.public_key):
+                raise SignatureError(
+                    f"signature by trusted key {key.key_id[:16]} does not match its payload"
+                )
+            if key.key_id not in signers:  # each key counts once, however often it signed
+                signers.append(key.key_id)
+        if len(signers) >= self.trust.threshold:
+            return tuple(signers), tuple(ignored)
+        if not signers:
+            described = ", ".join(f"{kid[:16]} ({status})" for kid, status in ignored)
+            raise UntrustedKeyError(f"no trusted key signed this bundle; signed by {described}")
+        raise ThresholdError(
+            f"signed by {len(signers)} distinct trusted key(s); "
+            f"the trust store requires {self.trust.threshold}"
+        )
+
+    def _hash_content(self, tar, members, first: tarfile.TarInfo, manifest: Manifest):
+        hashed: set[str] = set()
+        gguf_head = b""
+        pending = [("file", first)]
+        for kind, info in _chain(pending, members):
+            if kind == "signature":
+                raise UnsafeArchiveError(f"signature entry {info.name} after bundle content")
+            expected = manifest.files.get(info.name)
+            if expected is None:
+                raise IntegrityError(f"file not in the signed manifest: {info.name}")
+            if info.size != expected.size:
+                raise IntegrityError(
+                    f"size mismatch for {info.name}: {info.size} bytes, signed {expected.size}"
+                )
+            keep = MAX_HEADER_BYTES if info.name == MODEL_FILE else 0
+            digest, head = self._read_member(tar, info, keep)
+            if digest != expected.sha256:
+                raise IntegrityError(f"sha256 mismatch for {info.name}")
+            if info.name == MODEL_FILE:
+                gguf_head = head
+            hashed.add(info.name)
+        return hashed, gguf_head
+
+    def _read_member(self, tar, info: tarfile.TarInfo, keep: int) -> tuple[str, bytes]:
+        """Stream one member through sha256 (and to extract_to); keep its first bytes."""
+        reader = tar.extractfile(info)
+        digest = hashlib.sha256()
+        kept = bytearray()
+        sink = self._open_sink(info.name)
+        remaining = info.size
+        try:
+            while remaining:
+                try:
+                    chunk = reader.read(min(CHUNK_BYTES, remaining))
+                except (tarfile.TarError, EOFError, OSError) as exc:
+                    raise IntegrityError(f"archive truncated inside {info.name}: {exc}") from exc
+                if not chunk:
+                    raise IntegrityError(
+                        f"archive truncated inside {info.name}: "
+                        f"{info.size - remaining} of {info.size} bytes"
+                    )
+                remaining -= len(chunk)
+                digest.update(chunk)
+                if len(kept) < keep:
+                    kept += chunk[: keep - len(kept)]
+                if sink is not None:
+                    sink.write(chunk)
+                self.progress(len(chunk))
+            if sink is not None:
+                sink.flush()
+                os.fsync(sink.fileno())
+        finally:
+            if sink is not None:
+                sink.close()
+        return digest.hexdigest(), bytes(kept)
+
+    def _open_sink(self, name: str):
+        if self.extract_to is None:
+            return None
+        target = self.extract_to / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        return os.fdopen(os.open(target, flags, 0o644), "wb")
+
+
+def _chain(first, rest):
+    yield from first
+    yield from rest
