@@ -23,6 +23,12 @@ class UsageError(ApplianceError):
     exit_code = 3
 
 
+class HostError(ApplianceError):
+    """The host failed us: disk full, permission denied, a file vanished."""
+
+    exit_code = 5
+
+
 class KeyStoreError(ApplianceError):
     """A trust-store change that cannot be made (unknown key, revoked key re-trusted)."""
 

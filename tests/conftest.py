@@ -74,13 +74,14 @@ def trusted_key(make_key: Callable[[str], KeyPair]) -> KeyPair:
     return key
 
 
-def write_bundle_dir(target: Path, model: Path, version: str = "1.0.0", extra: str = "") -> Path:
+def write_bundle_dir(target: Path, model: Path, quantize: str | None = None) -> Path:
     """A bundle directory like bundles/demo, but for the given GGUF file."""
     shutil.copytree(DEMO_BUNDLE, target, ignore=shutil.ignore_patterns("bundle.toml"))
     toml = (DEMO_BUNDLE / "bundle.toml").read_text()
     toml = toml.replace('embedded = "gemma3-270m-q4_k_m"', f'path = "{model}"')
-    toml = toml.replace('version = "1.0.0"', f'version = "{version}"')
-    (target / "bundle.toml").write_text(toml.replace("[cards]", f"{extra}\n[cards]"))
+    if quantize:
+        toml = toml.replace('# quantize = "Q4_K_M"', f'quantize = "{quantize}"')
+    (target / "bundle.toml").write_text(toml)
     return target / "bundle.toml"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -35,6 +36,17 @@ def model_signing_verify(signature: Path, public_key: Path, model_dir: Path):
          str(model_dir)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+def build_and_unpack(run_cli, toml: Path, key, tmp_path: Path) -> tuple[dict, Path]:
+    """Build with one key, then verify and unpack; return the JSON report and the files."""
+    built = run_cli("bundle", "build", toml, "--key", key.private, "--out", tmp_path / "o")
+    assert built.exit_code == 0, built.output
+    unpacked = tmp_path / "files"
+    result = run_cli("bundle", "unpack", tmp_path / "o" / "demo-1.0.0.tar", "--out", unpacked,
+                     "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output), unpacked
 
 
 def test_build_then_verify_tiny(run_cli, tiny_bundle_toml, trusted_key, tmp_path, tiny_gguf):
@@ -100,17 +112,8 @@ def test_several_keys_meet_a_threshold(run_cli, tiny_bundle_toml, make_key, tmp_
 
 
 def test_build_quantizes_and_records_provenance(run_cli, tmp_path, tiny_gguf, trusted_key):
-    toml = write_bundle_dir(tmp_path / "src", tiny_gguf, extra="")
-    toml.write_text(toml.read_text().replace('# quantize = "Q4_K_M"', 'quantize = "Q8_0"', 1))
-    built = run_cli("bundle", "build", toml, "--key", trusted_key.private, "--out", tmp_path / "o")
-    assert built.exit_code == 0, built.output
-    unpacked = tmp_path / "files"
-    result = run_cli("bundle", "unpack", tmp_path / "o" / "demo-1.0.0.tar", "--out", unpacked,
-                     "--json")  # fmt: skip
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
-
-    import hashlib
+    toml = write_bundle_dir(tmp_path / "src", tiny_gguf, quantize="Q8_0")
+    report, unpacked = build_and_unpack(run_cli, toml, trusted_key, tmp_path)
 
     source_sha = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
     assert report["release"]["quant_type"] == "Q8_0"
@@ -127,8 +130,7 @@ def test_quantize_refuses_an_already_quantized_model(run_cli, tmp_path, tiny_ggu
 
     q8 = tmp_path / "q8.gguf"
     quantize_gguf(tiny_gguf, q8, "Q8_0")
-    toml = write_bundle_dir(tmp_path / "src", q8)
-    toml.write_text(toml.read_text().replace('# quantize = "Q4_K_M"', 'quantize = "Q4_K_M"', 1))
+    toml = write_bundle_dir(tmp_path / "src", q8, quantize="Q4_K_M")
     result = run_cli("bundle", "build", toml, "--key", trusted_key.private, "--out", tmp_path)
     assert result.exit_code == 3
     assert "F32/F16/BF16" in result.output
@@ -171,13 +173,8 @@ def test_gemma_bundle_builds_verifies_and_passes_model_signing(
     run_cli, tmp_path, gemma_gguf, trusted_key
 ):
     toml = write_bundle_dir(tmp_path / "src", gemma_gguf)
-    built = run_cli("bundle", "build", toml, "--key", trusted_key.private, "--out", tmp_path / "o")
-    assert built.exit_code == 0, built.output
-    unpacked = tmp_path / "files"
-    result = run_cli("bundle", "unpack", tmp_path / "o" / "demo-1.0.0.tar", "--out", unpacked,
-                     "--json")  # fmt: skip
-    assert result.exit_code == 0, result.output
-    gguf = json.loads(result.output)["gguf"]
+    report, unpacked = build_and_unpack(run_cli, toml, trusted_key, tmp_path)
+    gguf = report["gguf"]
     assert gguf["architecture"] == "gemma3"
     assert gguf["file_type"] == "Q4_K_M"
     assert 250e6 < gguf["parameter_count"] < 300e6
@@ -195,3 +192,13 @@ def test_demo_command_runs_the_main_job(run_cli, gemma_gguf, appliance_home):
     assert result.exit_code == 0, result.output
     assert "VERIFIED" in result.output
     assert (appliance_home / "var" / "bundles" / "demo-1.0.0.tar").is_file()
+
+
+def test_host_failure_is_one_line_with_its_own_code(run_cli, tiny_bundle_toml, trusted_key,
+                                                    tmp_path):  # fmt: skip
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    result = run_cli("bundle", "build", tiny_bundle_toml, "--key", trusted_key.private,
+                     "--out", blocker / "out")  # fmt: skip
+    assert result.exit_code == 5
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")

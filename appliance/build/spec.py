@@ -52,6 +52,8 @@ def load_bundle_spec(path: Path) -> BundleSpec:
         return _parse(path, raw)
     except KeyError as exc:
         raise UsageError(f"{path}: missing required key {exc.args[0]!r}") from exc
+    except (TypeError, AttributeError, ValueError) as exc:
+        raise UsageError(f"{path}: a value has the wrong type ({exc})") from exc
 
 
 def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:

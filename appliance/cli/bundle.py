@@ -88,8 +88,7 @@ def verify(ctx: click.Context, bundle_file: Path, as_json: bool) -> None:
     """
     want_json_errors(ctx, as_json)
     trust = load_trust_store(appliance_paths().trust_store)
-    total = bundle_file.stat().st_size if bundle_file.is_file() else 0
-    with progress_bar(total, "verifying", enabled=not as_json) as update:
+    with progress_bar(_size(bundle_file), "verifying", enabled=not as_json) as update:
         verified = verify_bundle(bundle_file, trust, progress=update)
     _report(verified, bundle_file, as_json)
 
@@ -109,8 +108,13 @@ def unpack(ctx: click.Context, bundle_file: Path, out_dir: Path, as_json: bool) 
     """Verify BUNDLE_FILE and lay its files out in OUT (for independent verifiers)."""
     want_json_errors(ctx, as_json)
     trust = load_trust_store(appliance_paths().trust_store)
-    verified = unpack_bundle(bundle_file, trust, out_dir)
+    with progress_bar(_size(bundle_file), "verifying and unpacking", not as_json) as update:
+        verified = unpack_bundle(bundle_file, trust, out_dir, progress=update)
     _report(verified, bundle_file, as_json, unpacked_to=out_dir)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
 
 
 def _report(

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from appliance.errors import ApplianceError, UsageError
+from appliance.errors import ApplianceError, HostError, UsageError
 from appliance.trust.crypto import SigningKey, WrongPassphrase, load_signing_key
 
 PASSPHRASE_ENV = "APPLIANCE_KEY_PASSPHRASE"
@@ -27,7 +27,11 @@ class ApplianceGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except OSError as exc:  # disk full, permissions: a one-line reason, not a traceback
+                where = f": {exc.filename}" if exc.filename else ""
+                raise HostError(f"{exc.strerror or exc}{where}") from exc
         except ApplianceError as exc:
             if ctx.find_root().meta.get("json_errors"):
                 emit_json(

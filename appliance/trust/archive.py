@@ -55,7 +55,7 @@ def classify_member(info: tarfile.TarInfo, limits: ArchiveLimits) -> str:
         if name not in _DIRECTORY_NAMES:
             raise UnsafeArchiveError(f"unexpected directory in archive: {name!r}")
         return "dir"
-    if info.type not in _REGULAR_TYPES:
+    if info.type not in _REGULAR_TYPES or info.sparse is not None:
         raise UnsafeArchiveError(
             f"not a regular file: {name!r} (tar type {info.type!r}: device, FIFO or sparse)"
         )

@@ -16,6 +16,7 @@ caller must treat that directory as untrusted until this function returns.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import tarfile
@@ -73,7 +74,9 @@ def verify_bundle(
         return _StreamVerifier(trust, limits or ArchiveLimits(), extract_to, progress).run(source)
 
 
-def unpack_bundle(path: Path, trust: TrustStore, out_dir: Path) -> VerifiedBundle:
+def unpack_bundle(
+    path: Path, trust: TrustStore, out_dir: Path, progress: Progress | None = None
+) -> VerifiedBundle:
     """Verify and lay out a bundle's files in out_dir, which appears only if all checks pass."""
     if out_dir.exists():
         raise UsageError(f"{out_dir} already exists")
@@ -81,7 +84,7 @@ def unpack_bundle(path: Path, trust: TrustStore, out_dir: Path) -> VerifiedBundl
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        verified = verify_bundle(path, trust, extract_to=staging)
+        verified = verify_bundle(path, trust, extract_to=staging, progress=progress)
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -205,8 +208,7 @@ class _StreamVerifier:
     def _hash_content(self, tar, members, first: tarfile.TarInfo, manifest: Manifest):
         hashed: set[str] = set()
         gguf_head = b""
-        pending = [("file", first)]
-        for kind, info in _chain(pending, members):
+        for kind, info in itertools.chain([("file", first)], members):
             if kind == "signature":
                 raise UnsafeArchiveError(f"signature entry {info.name} after bundle content")
             expected = manifest.files.get(info.name)
@@ -266,7 +268,3 @@ class _StreamVerifier:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         return os.fdopen(os.open(target, flags, 0o644), "wb")
 
-
-def _chain(first, rest):
-    yield from first
-    yield from rest
