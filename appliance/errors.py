@@ -81,3 +81,39 @@ class UnreadableInputError(VerificationError):
     """The input cannot be read at all (missing, permission denied, not a tar)."""
 
     exit_code = 16
+
+
+class StoreError(ApplianceError):
+    """A release-store operation that cannot be done in the store's current state."""
+
+    exit_code = 24
+
+
+class StoreBusyError(StoreError):
+    """Another admin operation holds the store's lock."""
+
+    exit_code = 20
+
+
+class ReplayError(StoreError):
+    """A sequence at or below one already seen (replay, downgrade) or under the floor."""
+
+    exit_code = 21
+
+
+class FrozenError(StoreError):
+    """Releases are frozen: nothing activates until an admin unfreezes."""
+
+    exit_code = 22
+
+
+class GateError(StoreError):
+    """No passing eval report for this release, spec hash and host."""
+
+    exit_code = 23
+
+
+class AuditChainError(StoreError):
+    """The audit log's hash chain is broken: a row was edited, deleted or reordered."""
+
+    exit_code = 25

@@ -23,6 +23,23 @@ class AppliancePaths:
     def trust_store(self) -> Path:
         return self.config_dir / "trust.json"
 
+    @property
+    def state_db(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.state_dir / "releases"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Same filesystem as releases_dir, so a finished install is one rename away."""
+        return self.state_dir / "staging"
+
+    @property
+    def admin_lock(self) -> Path:
+        return self.state_dir / "admin.lock"
+
 
 def appliance_paths() -> AppliancePaths:
     """Return the paths in force for this process (read from the environment each time)."""

@@ -32,10 +32,20 @@ def model_signing_verify(signature: Path, public_key: Path, model_dir: Path):
     cli = shutil.which("model_signing", path=str(Path(__file__).parents[1] / ".venv/bin"))
     assert cli, "model_signing CLI missing (test extra not installed)"
     return subprocess.run(
-        [cli, "verify", "key", "--signature", str(signature), "--public_key", str(public_key),
-         str(model_dir)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            cli,
+            "verify",
+            "key",
+            "--signature",
+            str(signature),
+            "--public_key",
+            str(public_key),
+            str(model_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def build_and_unpack(run_cli, toml: Path, key, tmp_path: Path) -> tuple[dict, Path]:
@@ -43,15 +53,24 @@ def build_and_unpack(run_cli, toml: Path, key, tmp_path: Path) -> tuple[dict, Pa
     built = run_cli("bundle", "build", toml, "--key", key.private, "--out", tmp_path / "o")
     assert built.exit_code == 0, built.output
     unpacked = tmp_path / "files"
-    result = run_cli("bundle", "unpack", tmp_path / "o" / "demo-1.0.0.tar", "--out", unpacked,
-                     "--json")  # fmt: skip
+    result = run_cli(
+        "bundle", "unpack", tmp_path / "o" / "demo-1.0.0.tar", "--out", unpacked, "--json"
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.output), unpacked
 
 
 def test_build_then_verify_tiny(run_cli, tiny_bundle_toml, trusted_key, tmp_path, tiny_gguf):
-    built = run_cli("bundle", "build", tiny_bundle_toml, "--key", trusted_key.private,
-                    "--out", tmp_path / "out", "--json")  # fmt: skip
+    built = run_cli(
+        "bundle",
+        "build",
+        tiny_bundle_toml,
+        "--key",
+        trusted_key.private,
+        "--out",
+        tmp_path / "out",
+        "--json",
+    )
     assert built.exit_code == 0, built.output
     bundle = Path(json.loads(built.output)["bundle"])
 
@@ -75,21 +94,30 @@ def test_build_then_verify_tiny(run_cli, tiny_bundle_toml, trusted_key, tmp_path
     assert "VERIFIED" in text.output and trusted_key.key_id in text.output
 
 
-def test_independent_verifier_accepts_each_signature(run_cli, tiny_bundle_toml, make_key,
-                                                     tmp_path):  # fmt: skip
+def test_independent_verifier_accepts_each_signature(run_cli, tiny_bundle_toml, make_key, tmp_path):
     first, second = make_key("first"), make_key("second")
     first.trust()
     second.trust()
-    built = run_cli("bundle", "build", tiny_bundle_toml, "--key", first.private,
-                    "--key", second.private, "--out", tmp_path / "out")  # fmt: skip
+    built = run_cli(
+        "bundle",
+        "build",
+        tiny_bundle_toml,
+        "--key",
+        first.private,
+        "--key",
+        second.private,
+        "--out",
+        tmp_path / "out",
+    )
     assert built.exit_code == 0, built.output
     unpacked = tmp_path / "files"
     result = run_cli("bundle", "unpack", tmp_path / "out" / "demo-1.0.0.tar", "--out", unpacked)
     assert result.exit_code == 0, result.output
 
     for index, key in enumerate((first, second)):
-        verdict = model_signing_verify(unpacked / f"signatures/{index:02d}.sig", key.public,
-                                       unpacked)  # fmt: skip
+        verdict = model_signing_verify(
+            unpacked / f"signatures/{index:02d}.sig", key.public, unpacked
+        )
         assert verdict.returncode == 0, verdict.stderr
         assert "Verification succeeded" in verdict.stdout
 
@@ -194,11 +222,13 @@ def test_demo_command_runs_the_main_job(run_cli, gemma_gguf, appliance_home):
     assert (appliance_home / "var" / "bundles" / "demo-1.0.0.tar").is_file()
 
 
-def test_host_failure_is_one_line_with_its_own_code(run_cli, tiny_bundle_toml, trusted_key,
-                                                    tmp_path):  # fmt: skip
+def test_host_failure_is_one_line_with_its_own_code(
+    run_cli, tiny_bundle_toml, trusted_key, tmp_path
+):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    result = run_cli("bundle", "build", tiny_bundle_toml, "--key", trusted_key.private,
-                     "--out", blocker / "out")  # fmt: skip
+    result = run_cli(
+        "bundle", "build", tiny_bundle_toml, "--key", trusted_key.private, "--out", blocker / "out"
+    )
     assert result.exit_code == 5
     assert result.output.count("\n") == 1 and result.output.startswith("error: ")

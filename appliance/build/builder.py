@@ -25,11 +25,11 @@ from appliance.errors import IntegrityError, UsageError
 from appliance.paths import appliance_paths
 from appliance.trust.archive import MODEL_FILE, signature_entry_name
 from appliance.trust.crypto import SigningKey
+from appliance.trust.digest import sha256_file
 from appliance.trust.gguf_check import MAX_HEADER_BYTES, GGUFSummary, check_gguf_header
 from appliance.trust.manifest import FileEntry, Manifest, ReleaseMetadata, statement_bytes
 from appliance.trust.signature import sign_payload
 
-CHUNK_BYTES = 1 << 20
 Progress = Callable[[int], None]
 
 
@@ -83,16 +83,6 @@ def build_bundle(
         _write_tar(target, signatures, contents, files, created.timestamp(), progress)
     key_ids = tuple(key.public_key.key_id for key in keys)
     return BuiltBundle(target, manifest, key_ids)
-
-
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return digest.hexdigest()
 
 
 def embedded_model_path(name: str) -> Path:

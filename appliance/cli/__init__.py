@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 from appliance import __version__
+from appliance.cli.audit import audit
 from appliance.cli.bundle import bundle
 from appliance.cli.common import ApplianceGroup
 from appliance.cli.demo import demo
 from appliance.cli.keys import keys
+from appliance.cli.release import release
 
 
 @click.group(cls=ApplianceGroup)
@@ -23,6 +25,8 @@ def cli() -> None:
 
 cli.add_command(keys)
 cli.add_command(bundle)
+cli.add_command(release)
+cli.add_command(audit)
 cli.add_command(demo)
 
 

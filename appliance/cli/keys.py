@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import click
 from appliance.cli.common import PASSPHRASE_ENV, emit_json, json_option, want_json_errors
 from appliance.errors import UsageError
 from appliance.paths import appliance_paths
+from appliance.store import audit
+from appliance.store.releases import ReleaseStore
 from appliance.trust.crypto import load_public_key
 from appliance.trust.keyfiles import write_key_pair
 from appliance.trust.truststore import (
@@ -71,11 +74,8 @@ def generate(ctx: click.Context, out_dir: Path, name: str, encrypt: bool, as_jso
 def trust(ctx: click.Context, public_key: Path, name: str | None, as_json: bool) -> None:
     """Trust PUBLIC_KEY (PEM, ECDSA P-256) to sign bundles."""
     want_json_errors(ctx, as_json)
-    key = trust_key(
-        appliance_paths().trust_store,
-        load_public_key(public_key.read_bytes()),
-        name or public_key.stem,
-    )
+    pem = load_public_key(public_key.read_bytes())
+    key = _audited("key trust", lambda path: trust_key(path, pem, name or public_key.stem))
     _print_key(key, as_json, verb="trusted")
 
 
@@ -86,7 +86,8 @@ def trust(ctx: click.Context, public_key: Path, name: str | None, as_json: bool)
 def revoke(ctx: click.Context, key_id: str, as_json: bool) -> None:
     """Revoke the trusted key KEY_ID (a unique prefix of at least 8 hex digits)."""
     want_json_errors(ctx, as_json)
-    _print_key(revoke_key(appliance_paths().trust_store, key_id), as_json, verb="revoked")
+    key = _audited("key revoke", lambda path: revoke_key(path, key_id))
+    _print_key(key, as_json, verb="revoked")
 
 
 @keys.command(name="list")
@@ -117,11 +118,26 @@ def threshold(ctx: click.Context, k: int | None, as_json: bool) -> None:
     """Show, or set to K, how many distinct trusted keys must sign a bundle."""
     want_json_errors(ctx, as_json)
     path = appliance_paths().trust_store
-    store = load_trust_store(path) if k is None else set_threshold(path, k)
+    if k is None:
+        store = load_trust_store(path)
+    else:
+        with ReleaseStore(appliance_paths()).admin() as db:
+            store = set_threshold(path, k)
+            with db.atomic():
+                audit.append(db, "key threshold", str(k))
     if as_json:
         emit_json({"threshold": store.threshold})
     else:
         click.echo(f"threshold: {store.threshold}")
+
+
+def _audited(action: str, change: Callable[[Path], TrustedKey]) -> TrustedKey:
+    """Change the trust store under the admin lock and audit it."""
+    with ReleaseStore(appliance_paths()).admin() as db:
+        key = change(appliance_paths().trust_store)
+        with db.atomic():
+            audit.append(db, action, key.key_id, details={"name": key.name})
+    return key
 
 
 def _new_passphrase() -> bytes:

@@ -41,6 +41,14 @@ def is_allowed_file_name(name: str) -> bool:
     return bool(_CONTENT_NAME.match(name))
 
 
+def is_signature_name(name: str) -> bool:
+    return bool(_SIGNATURE_NAME.match(name))
+
+
+def is_allowed_directory(name: str) -> bool:
+    return name in _DIRECTORY_NAMES
+
+
 def signature_entry_name(index: int) -> str:
     return f"{SIGNATURE_DIR}/{index:02d}.sig"
 
@@ -52,7 +60,7 @@ def classify_member(info: tarfile.TarInfo, limits: ArchiveLimits) -> str:
     if info.issym() or info.islnk():
         raise UnsafeArchiveError(f"link in archive: {name!r} -> {info.linkname!r}")
     if info.isdir():
-        if name not in _DIRECTORY_NAMES:
+        if not is_allowed_directory(name):
             raise UnsafeArchiveError(f"unexpected directory in archive: {name!r}")
         return "dir"
     if info.type not in _REGULAR_TYPES or info.sparse is not None:
@@ -63,7 +71,7 @@ def classify_member(info: tarfile.TarInfo, limits: ArchiveLimits) -> str:
         raise UnsafeArchiveError(
             f"member too large: {name!r} is {info.size} bytes (cap {limits.max_member_bytes})"
         )
-    if _SIGNATURE_NAME.match(name):
+    if is_signature_name(name):
         return "signature"
     if not is_allowed_file_name(name):
         raise UnsafeArchiveError(f"name not allowed in a bundle: {name!r}")

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,16 @@ from appliance.errors import (
     UntrustedKeyError,
     UsageError,
 )
-from appliance.trust.archive import MAX_SIGNATURES, MODEL_FILE, ArchiveLimits, classify_member
+from appliance.trust.archive import (
+    MAX_SIGNATURES,
+    MODEL_FILE,
+    ArchiveLimits,
+    classify_member,
+    is_allowed_directory,
+    is_allowed_file_name,
+    is_signature_name,
+)
+from appliance.trust.digest import CHUNK_BYTES, sha256_file
 from appliance.trust.gguf_check import MAX_HEADER_BYTES, GGUFSummary, check_gguf_header
 from appliance.trust.manifest import Manifest, parse_statement
 from appliance.trust.signature import (
@@ -44,7 +54,6 @@ from appliance.trust.signature import (
 )
 from appliance.trust.truststore import TrustStore
 
-CHUNK_BYTES = 1 << 20
 Progress = Callable[[int], None]
 
 
@@ -64,14 +73,20 @@ def verify_bundle(
     limits: ArchiveLimits | None = None,
     extract_to: Path | None = None,
     progress: Progress | None = None,
+    on_manifest: Callable[[Manifest], None] | None = None,
 ) -> VerifiedBundle:
-    """Verify a bundle file; return what was verified or raise a VerificationError."""
+    """Verify a bundle file; return what was verified or raise a VerificationError.
+
+    `on_manifest` sees the signed manifest as soon as the signatures check out, before any
+    content is read, so a caller can refuse early (a replayed release, say) by raising.
+    """
     try:
         source = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise UnreadableInputError(f"cannot read {path}: {exc.strerror}") from exc
     with source:
-        return _StreamVerifier(trust, limits or ArchiveLimits(), extract_to, progress).run(source)
+        verifier = _StreamVerifier(trust, limits or ArchiveLimits(), extract_to, progress)
+        return verifier.run(source, on_manifest or (lambda _m: None))
 
 
 def unpack_bundle(
@@ -92,6 +107,58 @@ def unpack_bundle(
     return verified
 
 
+def verify_directory(root: Path, trust: TrustStore) -> VerifiedBundle:
+    """Verify a laid-out release (an installed one) as strictly as verify_bundle a tar:
+    signatures, then every file's size and sha256, nothing missing or extra, the GGUF."""
+    signature_files, contents = _scan_release_dir(root)
+    manifest, signers, ignored = check_signatures(signature_files, trust)
+    if set(contents) != set(manifest.files):
+        extra, missing = set(contents) - set(manifest.files), set(manifest.files) - set(contents)
+        raise IntegrityError(
+            f"release files differ from the signed manifest: "
+            f"missing {sorted(missing)}, extra {sorted(extra)}"
+        )
+    for name, path in contents.items():
+        expected = manifest.files[name]
+        if path.stat().st_size != expected.size or sha256_file(path) != expected.sha256:
+            raise IntegrityError(f"sha256 or size mismatch for {name}")
+    model = contents[MODEL_FILE]
+    with open(model, "rb") as f:
+        gguf = check_gguf_header(f.read(MAX_HEADER_BYTES), model.stat().st_size)
+    return VerifiedBundle(manifest, signers, ignored, gguf, signature_files)
+
+
+def _scan_release_dir(root: Path) -> tuple[dict[str, bytes], dict[str, Path]]:
+    signature_files: dict[str, bytes] = {}
+    contents: dict[str, Path] = {}
+    try:
+        walk = list(os.walk(root, onerror=_raise))
+    except OSError as exc:
+        raise UnreadableInputError(f"cannot read release directory {root}: {exc}") from exc
+    for directory, subdirs, files in walk:
+        for name in subdirs + files:
+            path = Path(directory) / name
+            relative = path.relative_to(root).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode) and is_allowed_directory(relative):
+                continue
+            if not stat.S_ISREG(mode):
+                raise UnsafeArchiveError(f"not a regular file in release: {relative!r}")
+            if is_signature_name(relative):
+                signature_files[relative] = path.read_bytes()
+            elif is_allowed_file_name(relative):
+                contents[relative] = path
+            else:
+                raise UnsafeArchiveError(f"name not allowed in a release: {relative!r}")
+    if not signature_files:
+        raise SignatureError(f"release directory {root} holds no signature")
+    return dict(sorted(signature_files.items())), contents
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
 class _StreamVerifier:
     def __init__(
         self,
@@ -106,7 +173,7 @@ class _StreamVerifier:
         self.members = 0
         self.total_bytes = 0
 
-    def run(self, source: BinaryIO) -> VerifiedBundle:
+    def run(self, source: BinaryIO, on_manifest: Callable[[Manifest], None]) -> VerifiedBundle:
         # 1. A plain tar, read forward only.
         try:
             tar = tarfile.open(fileobj=source, mode="r|")  # noqa: SIM115 - entered below
@@ -116,7 +183,8 @@ class _StreamVerifier:
             members = self._members(tar)
             # 2. + 3. Leading signatures, checked before any content is read.
             signature_files, first_content = self._read_signatures(tar, members)
-            manifest, signers, ignored = self._check_signatures(signature_files)
+            manifest, signers, ignored = check_signatures(signature_files, self.trust)
+            on_manifest(manifest)
             # 4. Every content member against the manifest.
             hashed, gguf_head = self._hash_content(tar, members, first_content, manifest)
         # 5. Nothing missing.
@@ -166,44 +234,6 @@ class _StreamVerifier:
                 raise SignatureError(f"signature entry {info.name} is implausibly large")
             signatures[info.name] = self._read_member(tar, info, keep=info.size)[1]
         raise SignatureError("bundle holds signatures but no content")
-
-    def _check_signatures(self, signature_files: dict[str, bytes]):
-        envelopes = [parse_signature_file(data) for data in signature_files.values()]
-        payload = envelopes[0].payload
-        if any(e.payload != payload for e in envelopes):
-            raise SignatureError("the signatures in the bundle sign different statements")
-        signers, ignored = self._count_signers(envelopes)
-        manifest = parse_statement(payload)
-        if MODEL_FILE not in manifest.files:
-            raise IntegrityError(f"the signed manifest lists no {MODEL_FILE}")
-        return manifest, signers, ignored
-
-    def _count_signers(self, envelopes: list[SignedEnvelope]):
-        if not self.trust.keys:
-            raise UntrustedKeyError("the trust store holds no keys (appliance keys trust PUB.pem)")
-        signers: list[str] = []
-        ignored: list[tuple[str, str]] = []
-        for envelope in envelopes:
-            key = self.trust.active_key(envelope.key_hint)
-            if key is None:
-                status = "revoked" if self.trust.is_revoked(envelope.key_hint) else "untrusted"
-                ignored.append((envelope.key_hint, status))
-                continue
-            if not envelope.verify_with(key.public_key):
-                raise SignatureError(
-                    f"signature by trusted key {key.key_id[:16]} does not match its payload"
-                )
-            if key.key_id not in signers:  # each key counts once, however often it signed
-                signers.append(key.key_id)
-        if len(signers) >= self.trust.threshold:
-            return tuple(signers), tuple(ignored)
-        if not signers:
-            described = ", ".join(f"{kid[:16]} ({status})" for kid, status in ignored)
-            raise UntrustedKeyError(f"no trusted key signed this bundle; signed by {described}")
-        raise ThresholdError(
-            f"signed by {len(signers)} distinct trusted key(s); "
-            f"the trust store requires {self.trust.threshold}"
-        )
 
     def _hash_content(self, tar, members, first: tarfile.TarInfo, manifest: Manifest):
         hashed: set[str] = set()
@@ -268,3 +298,45 @@ class _StreamVerifier:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         return os.fdopen(os.open(target, flags, 0o644), "wb")
 
+
+def check_signatures(
+    signature_files: dict[str, bytes], trust: TrustStore
+) -> tuple[Manifest, tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Check signature files against the trust store; return the manifest and signers."""
+    envelopes = [parse_signature_file(data) for data in signature_files.values()]
+    payload = envelopes[0].payload
+    if any(e.payload != payload for e in envelopes):
+        raise SignatureError("the signatures in the bundle sign different statements")
+    signers, ignored = _count_signers(envelopes, trust)
+    manifest = parse_statement(payload)
+    if MODEL_FILE not in manifest.files:
+        raise IntegrityError(f"the signed manifest lists no {MODEL_FILE}")
+    return manifest, signers, ignored
+
+
+def _count_signers(envelopes: list[SignedEnvelope], trust: TrustStore):
+    if not trust.keys:
+        raise UntrustedKeyError("the trust store holds no keys (appliance keys trust PUB.pem)")
+    signers: list[str] = []
+    ignored: list[tuple[str, str]] = []
+    for envelope in envelopes:
+        key = trust.active_key(envelope.key_hint)
+        if key is None:
+            status = "revoked" if trust.is_revoked(envelope.key_hint) else "untrusted"
+            ignored.append((envelope.key_hint, status))
+            continue
+        if not envelope.verify_with(key.public_key):
+            raise SignatureError(
+                f"signature by trusted key {key.key_id[:16]} does not match its payload"
+            )
+        if key.key_id not in signers:  # each key counts once, however often it signed
+            signers.append(key.key_id)
+    if len(signers) >= trust.threshold:
+        return tuple(signers), tuple(ignored)
+    if not signers:
+        described = ", ".join(f"{kid[:16]} ({status})" for kid, status in ignored)
+        raise UntrustedKeyError(f"no trusted key signed this bundle; signed by {described}")
+    raise ThresholdError(
+        f"signed by {len(signers)} distinct trusted key(s); "
+        f"the trust store requires {trust.threshold}"
+    )

@@ -1,0 +1,51 @@
+"""`appliance audit`: read and verify the hash-chained audit log."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from appliance.cli.common import emit_json, json_option, want_json_errors
+from appliance.errors import AuditChainError
+from appliance.paths import appliance_paths
+from appliance.store import audit as audit_log
+from appliance.store.db import open_state_db
+
+
+@click.group()
+def audit() -> None:
+    """Read and verify the audit log of every state change."""
+
+
+@audit.command(name="list")
+@click.option("--limit", type=int, default=None, help="Show only the newest N rows.")
+@json_option
+@click.pass_context
+def list_rows(ctx: click.Context, limit: int | None, as_json: bool) -> None:
+    """List audit rows, newest first."""
+    want_json_errors(ctx, as_json)
+    rows = audit_log.rows(open_state_db(appliance_paths().state_db), limit)
+    if as_json:
+        emit_json({"rows": [{**r, "details": json.loads(r["details"])} for r in rows]})
+        return
+    for r in rows:
+        reason = f"  reason: {r['reason']}" if r["reason"] else ""
+        click.echo(
+            f"{r['id']:>5}  {r['time']}  {r['user']:<10} {r['action']:<18} {r['target']}{reason}"
+        )
+
+
+@audit.command(name="verify")
+@json_option
+@click.pass_context
+def verify_log(ctx: click.Context, as_json: bool) -> None:
+    """Check the hash chain; name the first row that was edited, deleted or reordered."""
+    want_json_errors(ctx, as_json)
+    status = audit_log.verify_chain(open_state_db(appliance_paths().state_db))
+    if not status.ok:
+        raise AuditChainError(f"audit log broken at row {status.first_bad_id}: {status.problem}")
+    if as_json:
+        emit_json({"ok": True, "rows": status.rows, "head": status.head})
+    else:
+        click.echo(f"audit chain intact: {status.rows} rows, head {status.head}")

@@ -1,0 +1,1 @@
+"""The release store: install, activate, roll back, freeze, remove; audit log; state DB."""
