@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,11 +76,32 @@ def trusted_key(make_key: Callable[[str], KeyPair]) -> KeyPair:
     return key
 
 
-def write_bundle_dir(target: Path, model: Path, quantize: str | None = None) -> Path:
-    """A bundle directory like bundles/demo, but for the given GGUF file."""
+def write_bundle_dir(
+    target: Path,
+    model: Path,
+    quantize: str | None = None,
+    release: tuple[str, int, int] = ("1.0.0", 1, 1),
+    padding_bytes: int = 0,
+) -> Path:
+    """A bundle directory like bundles/demo, but for the given GGUF file.
+
+    `release` is (version, sequence, min_sequence); `padding_bytes` adds a golden set of
+    that size, to make a bundle bigger than a small filesystem.
+    """
     shutil.copytree(DEMO_BUNDLE, target, ignore=shutil.ignore_patterns("bundle.toml"))
+    version, sequence, min_sequence = release
     toml = (DEMO_BUNDLE / "bundle.toml").read_text()
     toml = toml.replace('embedded = "gemma3-270m-q4_k_m"', f'path = "{model}"')
+    toml = toml.replace('version = "1.0.0"', f'version = "{version}"')
+    toml = re.sub(r"^sequence = 1 ", f"sequence = {sequence} ", toml, flags=re.M)
+    toml = re.sub(r"^min_sequence = 1 ", f"min_sequence = {min_sequence} ", toml, flags=re.M)
+    if padding_bytes:
+        line = '{"id": "pad", "input": {"prompt": "x"}, "padding": "' + "x" * 1000 + '"}\n'
+        (target / "eval/golden/padding.jsonl").write_text(line * (padding_bytes // len(line)))
+        toml = toml.replace(
+            '"eval/golden/safety.jsonl",',
+            '"eval/golden/safety.jsonl", "eval/golden/padding.jsonl",',
+        )
     if quantize:
         toml = toml.replace('# quantize = "Q4_K_M"', f'quantize = "{quantize}"')
     (target / "bundle.toml").write_text(toml)
@@ -95,6 +118,25 @@ def tiny_bundle(tmp_path: Path, tiny_bundle_toml: Path, trusted_key: KeyPair) ->
     """A tiny-model bundle signed by a trusted key."""
     spec = load_bundle_spec(tiny_bundle_toml)
     return build_bundle(spec, [trusted_key.signing_key], tmp_path / "out").path
+
+
+@pytest.fixture
+def make_bundle(tmp_path: Path, tiny_gguf: Path, trusted_key: KeyPair) -> Callable[..., Path]:
+    """Build a tiny-model bundle for a given version/sequence, signed by the trusted key."""
+
+    def make(version: str, sequence: int, min_sequence: int = 0, padding_bytes: int = 0) -> Path:
+        work = Path(tempfile.mkdtemp(dir=tmp_path, prefix=f"bundle-{version}-"))
+        source = work / "src"
+        toml = write_bundle_dir(
+            source,
+            tiny_gguf,
+            release=(version, sequence, min_sequence),
+            padding_bytes=padding_bytes,
+        )
+        spec = load_bundle_spec(toml)
+        return build_bundle(spec, [trusted_key.signing_key], work / "out").path
+
+    return make
 
 
 @pytest.fixture
