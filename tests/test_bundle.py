@@ -220,6 +220,10 @@ def test_demo_command_runs_the_main_job(run_cli, gemma_gguf, appliance_home):
     assert result.exit_code == 0, result.output
     assert "VERIFIED" in result.output
     assert (appliance_home / "var" / "bundles" / "demo-1.0.0.tar").is_file()
+    listing = json.loads(run_cli("release", "list", "--json").output)
+    assert [(r["ref"], r["state"]) for r in listing["releases"]] == [("demo@1.0.0", "active")]
+    again = run_cli("demo", REPO / "bundles" / "demo" / "bundle.toml")
+    assert again.exit_code == 0 and "already active" in again.output
 
 
 def test_host_failure_is_one_line_with_its_own_code(

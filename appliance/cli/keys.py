@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,16 +11,12 @@ import click
 from appliance.cli.common import PASSPHRASE_ENV, emit_json, json_option, want_json_errors
 from appliance.errors import UsageError
 from appliance.paths import appliance_paths
-from appliance.store import audit
 from appliance.store.releases import ReleaseStore
 from appliance.trust.crypto import load_public_key
 from appliance.trust.keyfiles import write_key_pair
 from appliance.trust.truststore import (
     TrustedKey,
     load_trust_store,
-    revoke_key,
-    set_threshold,
-    trust_key,
 )
 
 
@@ -75,18 +70,19 @@ def trust(ctx: click.Context, public_key: Path, name: str | None, as_json: bool)
     """Trust PUBLIC_KEY (PEM, ECDSA P-256) to sign bundles."""
     want_json_errors(ctx, as_json)
     pem = load_public_key(public_key.read_bytes())
-    key = _audited("key trust", lambda path: trust_key(path, pem, name or public_key.stem))
+    key = ReleaseStore(appliance_paths()).trust_key(pem, name or public_key.stem)
     _print_key(key, as_json, verb="trusted")
 
 
 @keys.command()
 @click.argument("key_id")
+@click.option("--reason", default="", help="Why; recorded in the audit log.")
 @json_option
 @click.pass_context
-def revoke(ctx: click.Context, key_id: str, as_json: bool) -> None:
+def revoke(ctx: click.Context, key_id: str, reason: str, as_json: bool) -> None:
     """Revoke the trusted key KEY_ID (a unique prefix of at least 8 hex digits)."""
     want_json_errors(ctx, as_json)
-    key = _audited("key revoke", lambda path: revoke_key(path, key_id))
+    key = ReleaseStore(appliance_paths()).revoke_key(key_id, reason)
     _print_key(key, as_json, verb="revoked")
 
 
@@ -117,27 +113,14 @@ def list_keys(ctx: click.Context, as_json: bool) -> None:
 def threshold(ctx: click.Context, k: int | None, as_json: bool) -> None:
     """Show, or set to K, how many distinct trusted keys must sign a bundle."""
     want_json_errors(ctx, as_json)
-    path = appliance_paths().trust_store
     if k is None:
-        store = load_trust_store(path)
+        store = load_trust_store(appliance_paths().trust_store)
     else:
-        with ReleaseStore(appliance_paths()).admin() as db:
-            store = set_threshold(path, k)
-            with db.atomic():
-                audit.append(db, "key threshold", str(k))
+        store = ReleaseStore(appliance_paths()).set_threshold(k)
     if as_json:
         emit_json({"threshold": store.threshold})
     else:
         click.echo(f"threshold: {store.threshold}")
-
-
-def _audited(action: str, change: Callable[[Path], TrustedKey]) -> TrustedKey:
-    """Change the trust store under the admin lock and audit it."""
-    with ReleaseStore(appliance_paths()).admin() as db:
-        key = change(appliance_paths().trust_store)
-        with db.atomic():
-            audit.append(db, action, key.key_id, details={"name": key.name})
-    return key
 
 
 def _new_passphrase() -> bytes:

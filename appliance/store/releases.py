@@ -41,8 +41,16 @@ from appliance.store import audit
 from appliance.store.db import open_state_db
 from appliance.store.faults import fault_point
 from appliance.store.gate import GateDecision, activation_gate, spec_hash
+from appliance.trust.crypto import PublicKey
 from appliance.trust.manifest import NAME_PATTERN, VERSION_PATTERN, Manifest, statement_bytes
-from appliance.trust.truststore import load_trust_store
+from appliance.trust.truststore import (
+    TrustedKey,
+    TrustStore,
+    load_trust_store,
+    revoke_key,
+    set_threshold,
+    trust_key,
+)
 from appliance.trust.verify import VerifiedBundle, verify_bundle, verify_directory
 
 Progress = Callable[[int], None]
@@ -324,6 +332,27 @@ class ReleaseStore:
             fault_point("remove.after_commit")
             _remove_tree(Path(release.path))  # a crash here leaves an orphan that _recover removes
             return release
+
+    def trust_key(self, public_key: PublicKey, name: str) -> TrustedKey:
+        with self.admin() as db:
+            key = trust_key(self.paths.trust_store, public_key, name)
+            with db.atomic():
+                audit.append(db, "key trust", key.key_id, details={"name": key.name})
+            return key
+
+    def revoke_key(self, key_id_prefix: str, reason: str = "") -> TrustedKey:
+        with self.admin() as db:
+            key = revoke_key(self.paths.trust_store, key_id_prefix)
+            with db.atomic():
+                audit.append(db, "key revoke", key.key_id, reason, {"name": key.name})
+            return key
+
+    def set_threshold(self, threshold: int) -> TrustStore:
+        with self.admin() as db:
+            store = set_threshold(self.paths.trust_store, threshold)
+            with db.atomic():
+                audit.append(db, "key threshold", str(threshold))
+            return store
 
     # -- internals ---------------------------------------------------------------------
 
