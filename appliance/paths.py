@@ -1,7 +1,9 @@
 """The one place that knows where the appliance keeps its state.
 
 With APPLIANCE_HOME set (tests, the demo, a developer's machine) everything lives under
-that directory; without it, the production layout under /etc, /var/lib and /opt is used.
+that directory; without it, the production layout (/etc/appliance, /var/lib/appliance,
+/var/cache/appliance) is used, below APPLIANCE_ROOT when that is set (an install into a
+directory tree, as `install.sh --root DIR` does).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HOME_ENV = "APPLIANCE_HOME"
+ROOT_ENV = "APPLIANCE_ROOT"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ def appliance_paths() -> AppliancePaths:
     if home:
         root = Path(home).expanduser().resolve()
         return AppliancePaths(root / "etc", root / "var", root / "cache")
+    root = Path(os.environ.get(ROOT_ENV) or "/")
     return AppliancePaths(
-        Path("/etc/appliance"), Path("/var/lib/appliance"), Path("/var/cache/appliance")
+        root / "etc/appliance", root / "var/lib/appliance", root / "var/cache/appliance"
     )

@@ -25,8 +25,9 @@ def appliance(*args: object, fault: str | None = None) -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     if fault:
         env[FAULT_ENV] = fault
-    return subprocess.run([*APPLIANCE, *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [*APPLIANCE, *map(str, args)], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_consistent(active: str, appliance_home: Path, after_admin_op: bool = True) -> None:
@@ -59,8 +60,13 @@ def one_active(make_bundle, appliance_home):
     return make_bundle("2.0.0", 2)
 
 
-INSTALL_POINTS = ["during_extract", "after_extract", "after_rename", "in_transaction",
-                  "after_commit"]  # fmt: skip
+INSTALL_POINTS = [
+    "during_extract",
+    "after_extract",
+    "after_rename",
+    "in_transaction",
+    "after_commit",
+]
 
 
 @pytest.mark.parametrize("point", INSTALL_POINTS)

@@ -335,6 +335,9 @@ class ReleaseStore:
 
     def trust_key(self, public_key: PublicKey, name: str) -> TrustedKey:
         with self.admin() as db:
+            already = load_trust_store(self.paths.trust_store).active_key(public_key.key_id)
+            if already is not None:
+                return already  # nothing changes, nothing to audit
             key = trust_key(self.paths.trust_store, public_key, name)
             with db.atomic():
                 audit.append(db, "key trust", key.key_id, details={"name": key.name})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from appliance.errors import UsageError
 
@@ -48,6 +49,11 @@ class SigningKey:
 
     def sign(self, message: bytes) -> bytes:
         return self._key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+    def sign_sha256_digest(self, digest: bytes) -> bytes:
+        """DER ECDSA signature over a precomputed SHA-256 digest (a large file's), which
+        `openssl dgst -sha256 -verify PUB -signature SIG FILE` accepts."""
+        return self._key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
 
     def private_pem(self, passphrase: bytes | None) -> bytes:
         encryption = (
