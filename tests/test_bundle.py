@@ -236,3 +236,18 @@ def test_host_failure_is_one_line_with_its_own_code(
     )
     assert result.exit_code == 5
     assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+
+
+def test_openssl_and_sha256sum_verify_a_bundle(run_cli, tiny_bundle, trusted_key, tmp_path):
+    """The third way: standard tools only (scripts/openssl-verify-bundle)."""
+    files = tmp_path / "files"
+    assert run_cli("bundle", "unpack", tiny_bundle, "--out", files).exit_code == 0
+    script = [str(REPO / "scripts/openssl-verify-bundle"), str(files), str(trusted_key.public)]
+    done = subprocess.run(script, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Verified OK" in done.stdout and "9 files match" in done.stdout
+
+    (files / "serving.json").chmod(0o644)
+    (files / "serving.json").write_text('{"threads": 64}')
+    tampered = subprocess.run(script, capture_output=True, text=True)
+    assert tampered.returncode != 0 and "serving.json" in tampered.stdout + tampered.stderr
