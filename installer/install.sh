@@ -101,6 +101,9 @@ if [ "$CURRENT" != "versions/$VERSION" ]; then
     say "current -> versions/$VERSION${CURRENT:+ (previous -> $CURRENT)}"
 fi
 
+install -d -m 0755 "${ROOT%/}/usr/local/bin"
+ln -sfn "$OPT/current/venv/bin/appliance" "${ROOT%/}/usr/local/bin/appliance"
+
 # 5. Units, and the release-signing keys that came with this installer.
 install -m 0644 "$SRC/systemd/appliance.service" "${ROOT%/}/etc/systemd/system/appliance.service"
 for key in "$SRC"/keys/*.pem; do

@@ -127,6 +127,8 @@ def test_offline_install_into_a_root(installer_v1, installer_keys, tmp_path):
     assert "interfaces: lo\n" in done.stdout, "the install must run with no network at all"
     assert installed(root, "--version").stdout.strip() == "appliance, version 0.1.0"
     assert os.readlink(root / "opt/appliance/current") == "versions/0.1.0"
+    link = root / "usr/local/bin/appliance"
+    assert os.readlink(link) == str(root / "opt/appliance/current/venv/bin/appliance")
     unit = root / "etc/systemd/system/appliance.service"
     assert unit.read_text() == (REPO / "systemd/appliance.service").read_text()
     assert (root / "var/lib/appliance").stat().st_mode & 0o777 == 0o750
