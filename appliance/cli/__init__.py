@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from appliance import __version__
+from appliance.cli.apikeys import apikeys
 from appliance.cli.audit import audit
 from appliance.cli.bundle import bundle
 from appliance.cli.common import ApplianceGroup
@@ -12,6 +13,7 @@ from appliance.cli.demo import demo
 from appliance.cli.installer import installer
 from appliance.cli.keys import keys
 from appliance.cli.release import release
+from appliance.cli.serve import serve
 
 
 @click.group(cls=ApplianceGroup)
@@ -29,6 +31,8 @@ cli.add_command(bundle)
 cli.add_command(release)
 cli.add_command(audit)
 cli.add_command(installer)
+cli.add_command(serve)
+cli.add_command(apikeys)
 cli.add_command(demo)
 
 

@@ -1,7 +1,7 @@
-"""The one module that imports llama_cpp.
+"""The one module that imports llama_cpp: a loaded model, one context shared by all slots,
+batched decoding, per-sequence samplers, tokenization, and llama.cpp's quantizer.
 
-For now it offers llama.cpp's quantizer to the bundle builder; the serving engine grows
-here (continuous batching on the low-level API) without another module touching llama_cpp.
+Everything above this module (scheduler, API) is plain Python over these few calls.
 """
 
 from __future__ import annotations
@@ -9,11 +9,201 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 
 from appliance.errors import ApplianceError
+
+DEFAULT_SEED = llama_cpp.LLAMA_DEFAULT_SEED
+
+
+class EngineError(ApplianceError):
+    """llama.cpp could not load a model or decode a batch."""
+
+    exit_code = 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: Path
+    slots: int = 4  # sequences decoded together; each has its own KV stream
+    context_per_slot: int = 2048
+    batch_tokens: int = 512  # tokens per decode step: one per generating slot + prefill
+    threads: int = 0  # 0: one per core
+    gpu_layers: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int = -1
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    token: int
+    position: int
+    sequence: int
+    wants_logits: bool
+
+
+def _quiet_llama_logs() -> None:
+    # llama-cpp-python prints llama.cpp's log through this logger; keep only errors.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+
+class Sampler:
+    """One sequence's llama.cpp sampler chain (per-request temperature, top-k, seed...)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if params.temperature <= 0:
+            stages = [llama_cpp.llama_sampler_init_greedy()]
+        else:
+            seed = DEFAULT_SEED if params.seed < 0 else params.seed & 0xFFFFFFFF
+            stages = [
+                llama_cpp.llama_sampler_init_top_k(params.top_k),
+                llama_cpp.llama_sampler_init_top_p(params.top_p, 1),
+                llama_cpp.llama_sampler_init_min_p(params.min_p, 1),
+                llama_cpp.llama_sampler_init_temp(params.temperature),
+                llama_cpp.llama_sampler_init_dist(seed),
+            ]
+        for stage in stages:
+            llama_cpp.llama_sampler_chain_add(chain, stage)  # the chain owns its stages
+        self._chain = chain
+
+    def sample(self, engine: Engine, batch_index: int) -> int:
+        return llama_cpp.llama_sampler_sample(self._chain, engine._ctx, batch_index)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+class Engine:
+    """A model loaded once, and a context with one KV stream per slot."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        _quiet_llama_logs()
+        llama_cpp.llama_backend_init()
+        self.config = config
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = config.gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(
+            str(config.model_path).encode(), model_params
+        )
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load {config.model_path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        threads = config.threads or os.cpu_count() or 1
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = config.slots * config.context_per_slot
+        params.n_batch = params.n_ubatch = config.batch_tokens
+        params.n_seq_max = config.slots
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = False
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EngineError("llama.cpp could not create a context")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.context_per_slot = llama_cpp.llama_n_ctx_seq(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(config.batch_tokens, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
+
+    # -- text ------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode()
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(
+            self._vocab, data, len(data), tokens, capacity, add_special, True
+        )
+        if count < 0:  # the buffer was too small: -count tokens are needed
+            capacity = -count
+            tokens = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), tokens, capacity, add_special, True
+            )
+        return list(tokens[:count])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token stands for (control tokens render as nothing)."""
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, 256, 0, False)
+        return self._piece.raw[:n] if n > 0 else b""
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def chat_template(self) -> str | None:
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        return template.decode() if template else None
+
+    def apply_builtin_template(self, name: str, messages: list[tuple[str, str]]) -> str:
+        """Render messages with one of llama.cpp's built-in templates ("gemma", "chatml")."""
+        chat = (llama_cpp.llama_chat_message * len(messages))()
+        keep = [(role.encode(), content.encode()) for role, content in messages]
+        for i, (role, content) in enumerate(keep):
+            chat[i].role, chat[i].content = role, content
+        size = 256 + sum(len(r) + len(c) for r, c in keep) * 2
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(name.encode(), chat, len(keep), True, buffer, size)
+        if n > size:
+            buffer = ctypes.create_string_buffer(n)
+            n = llama_cpp.llama_chat_apply_template(name.encode(), chat, len(keep), True, buffer, n)
+        if n < 0:
+            raise EngineError(f"llama.cpp has no built-in chat template {name!r}")
+        return buffer.raw[:n].decode(errors="replace")
+
+    @property
+    def architecture(self) -> str:
+        buffer = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_model_meta_val_str(self._model, b"general.architecture", buffer, 64)
+        return buffer.value.decode() if n > 0 else ""
+
+    def special_token_text(self, which: str) -> str:
+        token = {"bos": llama_cpp.llama_vocab_bos, "eos": llama_cpp.llama_vocab_eos}[which](
+            self._vocab
+        )
+        if token < 0:
+            return ""
+        text = llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return text.decode(errors="replace") if text else ""
+
+    # -- decoding --------------------------------------------------------------------
+
+    def decode(self, items: list[BatchItem]) -> None:
+        """Decode one batch; sequences ask for logits at the items that sample next."""
+        batch = self._batch
+        for i, item in enumerate(items):
+            batch.token[i] = item.token
+            batch.pos[i] = item.position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = item.sequence
+            batch.logits[i] = item.wants_logits
+        batch.n_tokens = len(items)
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise EngineError(f"llama_decode failed with status {status}")
+
+    def forget_sequence(self, sequence: int) -> None:
+        """Free a finished sequence's KV cells."""
+        llama_cpp.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = self._model = None
 
 
 def quantize_gguf(source: Path, target: Path, quant_type: str) -> None:
@@ -21,8 +211,7 @@ def quantize_gguf(source: Path, target: Path, quant_type: str) -> None:
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant_type}", None)
     if ftype is None:
         raise ApplianceError(f"llama.cpp does not know the quantization type {quant_type}")
-    # llama-cpp-python prints llama.cpp's log through this logger; keep only errors.
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    _quiet_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1

@@ -13,6 +13,8 @@ from pathlib import Path
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from appliance.telemetry.schema import telemetry_migrations
+
 
 def open_state_db(path: Path) -> Database:
     """Open (creating and migrating as needed) the state database."""
@@ -25,6 +27,7 @@ def open_state_db(path: Path) -> Database:
     with open(path.with_name(path.name + ".migrate-lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         schema_migrations().apply(db)
+        telemetry_migrations().apply(db)
     return db
 
 
@@ -98,5 +101,21 @@ def schema_migrations() -> Migrations:
             },
             pk="id",
         )
+
+    @migrations(name="0002_api_keys")
+    def create_api_keys(db: Database) -> None:
+        db["api_keys"].create(
+            {
+                "id": int,
+                "name": str,
+                "prefix": str,  # the first characters of the key, to recognise it
+                "sha256": str,  # keys are 256-bit random tokens: a plain hash is enough
+                "created": str,
+                "revoked": str,
+            },
+            pk="id",
+            not_null={"name", "prefix", "sha256", "created"},
+        )
+        db["api_keys"].create_index(["sha256"], unique=True)
 
     return migrations

@@ -1,0 +1,540 @@
+"""The OpenAI-compatible HTTP API (FastAPI on uvicorn), plus health, readiness, metrics.
+
+Handlers are thin: validate, render the prompt, submit to the current runtime's
+scheduler, and relay its events as one JSON response or as server-sent events. Every
+error is OpenAI's error JSON with a 4xx status; a 500 never carries internal details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from appliance import __version__
+from appliance.serve.chat import ChatTemplateError
+from appliance.serve.engine import SamplingParams
+from appliance.serve.runtime import ModelRuntime
+from appliance.serve.scheduler import Event, Generation, QueueFull
+from appliance.serve.service import Service
+from appliance.store.apikeys import token_matches
+from appliance.telemetry.writer import RequestRecord
+
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+        self.code, self.param, self.headers = code, param, headers or {}
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# -- request bodies ------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=1000)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-1, le=2**63 - 1)
+    stop: str | list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=4)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    ignore_eos: bool = False  # a llama.cpp extension, used by benchmarks
+
+
+class ChatRequest(GenerationParams):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+
+
+class CompletionRequest(GenerationParams):
+    prompt: str | list[str] = Field(min_length=0)
+
+
+# -- the app ---------------------------------------------------------------------------
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(
+        title="Custom SLM Appliance",
+        version=__version__,
+        description="OpenAI-compatible inference on the active signed release.",
+    )
+    app.add_middleware(BodyLimit, max_bytes=service.options.max_body_bytes)
+    _install_error_handlers(app)
+
+    def authorized(request: Request) -> None:
+        if not service.options.require_api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token_matches(token.strip(), service.api_key_hashes):
+            raise ApiError(
+                401,
+                "invalid or missing API key (Authorization: Bearer KEY)",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+
+    def runtime() -> ModelRuntime:
+        current = service.runtime()
+        if current is None:
+            raise ApiError(
+                503,
+                "no verified release is loaded yet",
+                "server_error",
+                "not_ready",
+                headers={"Retry-After": "5"},
+            )
+        return current
+
+    auth = [Depends(authorized)]
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        current = service.runtime()
+        if current is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready", "release": current.model_id})
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        current = service.runtime()
+        if current is not None:
+            service.metrics.max_batch.set(current.scheduler.stats.max_sequences_in_step)
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=auth)
+    def models() -> dict[str, Any]:
+        current = runtime()
+        return {
+            "object": "list",
+            "data": [
+                {"id": current.model_id, "object": "model", "created": 0, "owned_by": "appliance"}
+            ],
+        }
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        current = runtime()
+        messages = [(m.role, m.text()) for m in body.messages]
+        try:
+            prompt = current.chat.render(messages)
+        except ChatTemplateError as exc:
+            raise ApiError(400, str(exc)) from exc
+        bos = current.engine.special_token_text("bos")
+        tokens = current.engine.tokenize(prompt, add_special=not (bos and prompt.startswith(bos)))
+        return await _generate(service, current, body, tokens, request, "chat.completion")
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        current = runtime()
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
+        tokens = current.engine.tokenize(prompts[0])
+        return await _generate(service, current, body, tokens, request, "text_completion")
+
+    return app
+
+
+async def _generate(
+    service: Service,
+    runtime: ModelRuntime,
+    body: GenerationParams,
+    tokens: list[int],
+    request: Request,
+    kind: str,
+) -> Response:
+    arrived = time.time()
+    _check_model(runtime, body.model)
+    room = runtime.engine.context_per_slot - len(tokens)
+    if room < 1:
+        raise ApiError(
+            400,
+            f"the prompt is {len(tokens)} tokens; this model's context holds "
+            f"{runtime.engine.context_per_slot}",
+            code="context_length_exceeded",
+            param="messages" if kind == "chat.completion" else "prompt",
+        )
+    asked = body.max_completion_tokens or body.max_tokens or runtime.serving.max_tokens
+    generation = Generation(
+        prompt_tokens=tokens,
+        sampling=_sampling(runtime, body),
+        max_tokens=min(asked, runtime.serving.max_tokens, room),
+        stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()),
+        ignore_eos=body.ignore_eos,
+        deadline=time.monotonic() + service.options.request_timeout_seconds,
+    )
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    try:
+        ticket = runtime.scheduler.submit(
+            generation, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        )
+    except QueueFull as exc:
+        _record(service, runtime, kind, 429, arrived, error_class="queue_full")
+        raise ApiError(
+            429,
+            f"the service is busy: {exc}",
+            "rate_limit_error",
+            "queue_full",
+            headers={"Retry-After": "1"},
+        ) from exc
+    relay = _Relay(service, runtime, kind, arrived, events, ticket)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            relay.sse(include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    return await relay.whole(request)
+
+
+class _Relay:
+    """Relays one request's scheduler events to its client and records its telemetry."""
+
+    def __init__(self, service, runtime, kind, arrived, events, ticket) -> None:
+        self.service, self.runtime, self.kind, self.arrived = service, runtime, kind, arrived
+        self.events, self.ticket = events, ticket
+        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
+        self.first_token_at: float | None = None
+
+    async def _next(self) -> Event:
+        event = await self.events.get()
+        if event.text and self.first_token_at is None:
+            self.first_token_at = time.time()
+        return event
+
+    async def whole(self, request: Request) -> JSONResponse:
+        parts: list[str] = []
+        while True:
+            try:
+                event = await asyncio.wait_for(self._next(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    self.ticket.cancel()
+                    self._finish(499, None, "cancelled")
+                    return JSONResponse({}, status_code=499)
+                continue
+            parts.append(event.text)
+            if event.finish_reason is not None:
+                return self._final_response("".join(parts), event)
+
+    def _final_response(self, text: str, event: Event) -> JSONResponse:
+        status, error = _status_for(event)
+        self._finish(status, event, error)
+        if status != 200:
+            return JSONResponse(
+                error_body(_message_for(event), "server_error", error), status_code=status
+            )
+        if self.kind == "chat.completion":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": event.finish_reason,
+                "logprobs": None,
+            }
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "finish_reason": event.finish_reason,
+                "logprobs": None,
+            }
+        return JSONResponse(
+            {
+                "id": self.id,
+                "object": self.kind,
+                "created": int(self.arrived),
+                "model": self.runtime.model_id,
+                "choices": [choice],
+                "usage": _usage(event),
+            }
+        )
+
+    async def sse(self, include_usage: bool) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            if self.kind == "chat.completion":
+                yield self._chunk({"role": "assistant", "content": ""}, None)
+            while True:
+                event = await self._next()
+                if event.text:
+                    yield self._chunk(self._delta(event.text), None)
+                if event.finish_reason is None:
+                    continue
+                finished = True
+                status, error = _status_for(event)
+                self._finish(status, event, error)
+                if status != 200:
+                    body = error_body(_message_for(event), "server_error", error)
+                    yield f"data: {json.dumps(body)}\n\n".encode()
+                else:
+                    yield self._chunk(
+                        {} if self.kind == "chat.completion" else "", event.finish_reason
+                    )
+                    if include_usage:
+                        yield self._chunk(None, None, usage=_usage(event))
+                yield b"data: [DONE]\n\n"
+                return
+        finally:
+            if not finished:  # the client went away: free the slot now
+                self.ticket.cancel()
+                self._finish(499, None, "cancelled")
+
+    def _delta(self, text: str) -> Any:
+        return {"content": text} if self.kind == "chat.completion" else text
+
+    def _chunk(self, delta: Any, finish_reason: str | None, usage: dict | None = None) -> bytes:
+        if delta is None:
+            choices = []
+        elif self.kind == "chat.completion":
+            choices = [
+                {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            ]
+        else:
+            choices = [
+                {"index": 0, "text": delta, "finish_reason": finish_reason, "logprobs": None}
+            ]
+        chunk = {
+            "id": self.id,
+            "object": f"{self.kind}.chunk" if self.kind == "chat.completion" else self.kind,
+            "created": int(self.arrived),
+            "model": self.runtime.model_id,
+            "choices": choices,
+        }
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    def _finish(self, status: int, event: Event | None, error: str | None) -> None:
+        _record(
+            self.service,
+            self.runtime,
+            self.kind,
+            status,
+            self.arrived,
+            event,
+            self.first_token_at,
+            error,
+        )
+
+
+def _status_for(event: Event) -> tuple[int, str | None]:
+    if event.finish_reason == "timeout":
+        return 504, "timeout"
+    if event.finish_reason == "error":
+        return 500, "engine_error"
+    if event.finish_reason == "cancelled":
+        return 499, "cancelled"
+    return 200, None
+
+
+def _message_for(event: Event) -> str:
+    if event.finish_reason == "timeout":
+        return "the request ran past its deadline"
+    return "generation failed"  # engine details stay in the service log, not the response
+
+
+def _usage(event: Event) -> dict[str, int]:
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+def _record(
+    service: Service,
+    runtime: ModelRuntime,
+    kind: str,
+    status: int,
+    arrived: float,
+    event: Event | None = None,
+    first_token_at: float | None = None,
+    error_class: str | None = None,
+) -> None:
+    now = time.time()
+    endpoint = "chat" if kind == "chat.completion" else "completions"
+    service.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+    record = RequestRecord(
+        time=arrived,
+        release=runtime.model_id,
+        endpoint=endpoint,
+        status=status,
+        latency_seconds=now - arrived,
+        error_class=error_class,
+    )
+    if event is not None:
+        service.metrics.prompt_tokens.inc(event.prompt_tokens)
+        service.metrics.completion_tokens.inc(event.completion_tokens)
+        ttft = first_token_at - arrived if first_token_at else None
+        record = RequestRecord(
+            **{
+                **record.__dict__,
+                "prompt_tokens": event.prompt_tokens,
+                "completion_tokens": event.completion_tokens,
+                "queue_seconds": event.queue_seconds,
+                "ttft_seconds": ttft,
+            }
+        )
+        if status == 200:
+            service.metrics.latency.observe(now - arrived)
+            if ttft is not None:
+                service.metrics.ttft.observe(ttft)
+    service.telemetry.record(record)
+
+
+def _check_model(runtime: ModelRuntime, requested: str | None) -> None:
+    if requested and requested != runtime.model_id:
+        raise ApiError(
+            404,
+            f"model {requested!r} is not served here; GET /v1/models lists {runtime.model_id!r}",
+            code="model_not_found",
+            param="model",
+        )
+
+
+def _sampling(runtime: ModelRuntime, body: GenerationParams) -> SamplingParams:
+    defaults = runtime.serving.default_sampling()
+    chosen = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "seed")}
+    return SamplingParams(
+        **{k: v if v is not None else getattr(defaults, k) for k, v in chosen.items()}
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.message, exc.kind, exc.code, exc.param),
+            status_code=exc.status,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = (
+            f"{where}: {first.get('msg', 'invalid request')}"
+            if where
+            else first.get("msg", "invalid request body")
+        )
+        return JSONResponse(
+            error_body(message, "invalid_request_error", "invalid_body", where or None),
+            status_code=400,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body("internal error", "server_error"), status_code=500)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over max_bytes with 413, counted as they arrive."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._too_large(send)
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send)
+        except _BodyTooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send) -> None:
+        body = json.dumps(
+            error_body(
+                f"request body over {self.max_bytes} bytes",
+                "invalid_request_error",
+                "body_too_large",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass

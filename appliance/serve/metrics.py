@@ -1,0 +1,58 @@
+"""Prometheus metrics for one service instance (its own registry, no module globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServiceMetrics:
+    def __init__(self, queue_depth: Callable[[], float], busy_slots: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "appliance_requests",
+            "Requests by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens", registry=r)
+        self.completion_tokens = Counter(
+            "appliance_completion_tokens", "Completion tokens", registry=r
+        )
+        self.ttft = Histogram(
+            "appliance_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "appliance_request_latency_seconds",
+            "Request latency",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        Gauge("appliance_queue_depth", "Requests waiting for a slot", registry=r).set_function(
+            queue_depth
+        )
+        Gauge("appliance_busy_slots", "Slots generating or prefilling", registry=r).set_function(
+            busy_slots
+        )
+        self.active_release = Gauge(
+            "appliance_active_release", "1 for the release serving", ["release"], registry=r
+        )
+        self.max_batch = Gauge(
+            "appliance_max_sequences_per_step",
+            "Most sequences decoded in one llama_decode call",
+            registry=r,
+        )
+
+    def set_release(self, release: str) -> None:
+        self.active_release.clear()
+        self.active_release.labels(release=release).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

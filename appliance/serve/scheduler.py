@@ -1,0 +1,257 @@
+"""Continuous batching: one thread drives llama.cpp for every request of one model.
+
+Each step decodes, in one llama_decode call, the last sampled token of every generating
+slot plus a chunk of prompt prefill (bounded, so a long prompt never stalls running
+streams). New requests join between steps; a finished, cancelled or expired request frees
+its slot and its KV cells at once. The queue is bounded: when it is full, submit() refuses
+and the API answers 429.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from appliance.serve.engine import BatchItem, Engine, Sampler, SamplingParams
+
+
+class QueueFull(Exception):
+    """The request queue is at its limit."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    deadline: float = float("inf")  # time.monotonic() by which it must finish
+
+
+@dataclass
+class Event:
+    """What a request's listener receives: text deltas, then one final event."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "timeout", "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_seconds: float = 0.0
+    error: str = ""
+
+
+Listener = Callable[[Event], None]
+
+
+@dataclass
+class _Active:
+    generation: Generation
+    listener: Listener
+    cancelled: threading.Event
+    enqueued_at: float
+    slot: int = -1
+    sampler: Sampler | None = None
+    prefilled: int = 0  # prompt tokens already decoded
+    pending_token: int | None = None  # sampled, not yet decoded
+    generated: int = 0
+    started_at: float = 0.0
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+    text: str = ""  # generated text not yet sent (held back while it may start a stop string)
+
+    @property
+    def position(self) -> int:
+        return len(self.generation.prompt_tokens) + self.generated
+
+
+@dataclass
+class Ticket:
+    """A submitted request: cancel() frees its slot at the next step."""
+
+    cancelled: threading.Event
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class SchedulerStats:
+    queued: int = 0
+    busy_slots: int = 0
+    steps: int = 0
+    max_sequences_in_step: int = 0
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_queue: int) -> None:
+        self.engine = engine
+        self.slots = engine.config.slots
+        self.max_queue = max_queue
+        self.stats = SchedulerStats()
+        self._queue: collections.deque[_Active] = collections.deque()
+        self._active: dict[int, _Active] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, generation: Generation, listener: Listener) -> Ticket:
+        active = _Active(generation, listener, threading.Event(), time.monotonic())
+        with self._wake:
+            if self._stopping:
+                raise QueueFull("the model is being unloaded")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self._queue.append(active)
+            self.stats.queued = len(self._queue)
+            self._wake.notify()
+        return Ticket(active.cancelled)
+
+    @property
+    def in_flight(self) -> int:
+        with self._wake:
+            return len(self._queue) + len(self._active)
+
+    def stop(self) -> None:
+        """Finish what is running, refuse new work, then stop the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    # -- the decode loop (scheduler thread only) ----------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._active and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._queue and not self._active:
+                    return
+                self._admit()
+            self._drop_cancelled()
+            if self._active:
+                self._step()
+
+    def _admit(self) -> None:
+        free = [s for s in range(self.slots) if s not in self._active]
+        while free and self._queue:
+            active = self._queue.popleft()
+            active.slot = free.pop(0)
+            active.sampler = Sampler(active.generation.sampling)
+            active.started_at = time.monotonic()
+            self._active[active.slot] = active
+        self.stats.queued = len(self._queue)
+        self.stats.busy_slots = len(self._active)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for active in list(self._active.values()):
+            if active.cancelled.is_set():
+                self._finish(active, "cancelled")
+            elif now > active.generation.deadline:
+                self._finish(active, "timeout")
+
+    def _step(self) -> None:
+        items: list[BatchItem] = []
+        samplers: list[tuple[_Active, int]] = []
+        budget = self.engine.config.batch_tokens
+        for active in self._active.values():  # generating slots first: one token each
+            if active.pending_token is not None:
+                samplers.append((active, len(items)))
+                items.append(
+                    BatchItem(active.pending_token, active.position - 1, active.slot, True)
+                )
+                budget -= 1
+        for active in self._active.values():  # then prompt prefill, in chunks
+            prompt = active.generation.prompt_tokens
+            if active.pending_token is not None or active.prefilled >= len(prompt) or budget <= 0:
+                continue
+            chunk = prompt[active.prefilled : active.prefilled + budget]
+            for offset, token in enumerate(chunk):
+                position = active.prefilled + offset
+                last = position == len(prompt) - 1
+                if last:
+                    samplers.append((active, len(items)))
+                items.append(BatchItem(token, position, active.slot, last))
+            active.prefilled += len(chunk)
+            budget -= len(chunk)
+        try:
+            self.engine.decode(items)
+        except Exception as exc:  # a decode failure ends these requests, not the service
+            for active in list(self._active.values()):
+                self._finish(active, "error", error=str(exc))
+            return
+        self.stats.steps += 1
+        self.stats.max_sequences_in_step = max(self.stats.max_sequences_in_step, len(samplers))
+        for active, index in samplers:
+            self._accept(active, active.sampler.sample(self.engine, index))
+
+    def _accept(self, active: _Active, token: int) -> None:
+        generation = active.generation
+        if self.engine.is_end_of_generation(token) and not generation.ignore_eos:
+            self._finish(active, "stop")
+            return
+        active.generated += 1
+        active.text += active.decoder.decode(self.engine.piece(token))
+        stop_at = _find_stop(active.text, generation.stop)
+        if stop_at is not None:
+            active.text = active.text[:stop_at]
+            self._finish(active, "stop")
+            return
+        out_of_room = active.position >= self.engine.context_per_slot
+        if active.generated >= generation.max_tokens or out_of_room:
+            active.text += active.decoder.decode(b"", final=True)
+            self._finish(active, "length")
+            return
+        keep = _held_back(active.text, generation.stop)
+        if len(active.text) > keep:
+            self._emit(active, Event(text=active.text[: len(active.text) - keep]))
+            active.text = active.text[len(active.text) - keep :]
+        active.pending_token = token
+
+    def _finish(self, active: _Active, reason: str, error: str = "") -> None:
+        self.engine.forget_sequence(active.slot)
+        active.sampler.close()
+        del self._active[active.slot]
+        self.stats.busy_slots = len(self._active)
+        self._emit(
+            active,
+            Event(
+                text=active.text if reason in ("stop", "length") else "",
+                finish_reason=reason,
+                prompt_tokens=len(active.generation.prompt_tokens),
+                completion_tokens=active.generated,
+                queue_seconds=active.started_at - active.enqueued_at,
+                error=error,
+            ),
+        )
+
+    @staticmethod
+    def _emit(active: _Active, event: Event) -> None:
+        try:
+            active.listener(event)
+        except Exception:  # a listener whose client went away must not stop the loop
+            active.cancelled.set()
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return min(positions) if positions else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters could still begin a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                longest = max(longest, n)
+                break
+    return longest

@@ -1,0 +1,1 @@
+"""Request telemetry: schema (its own migration set), a background writer, and queries."""

@@ -1,0 +1,70 @@
+"""Telemetry queries for the console and reports: latency percentiles, rates, errors."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from sqlite_utils import Database
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    release: str | None
+    window_seconds: float
+    requests: int
+    errors: int
+    requests_per_second: float
+    completion_tokens_per_second: float
+    latency_p50: float | None
+    latency_p95: float | None
+    latency_p99: float | None
+    ttft_p50: float | None
+    ttft_p95: float | None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of unsorted values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def window_stats(
+    db: Database, window_seconds: float, release: str | None = None, now: float | None = None
+) -> WindowStats:
+    """Statistics over the last `window_seconds`, for one release or all of them."""
+    now = time.time() if now is None else now
+    where, params = "time >= ?", [now - window_seconds]
+    if release is not None:
+        where, params = where + " AND release = ?", [*params, release]
+    rows = list(
+        db.query(
+            f"SELECT status, completion_tokens, latency_seconds, ttft_seconds FROM requests "
+            f"WHERE {where}",
+            params,
+        )
+    )
+    ok = [r for r in rows if r["status"] == 200]
+    latencies = [r["latency_seconds"] for r in ok]
+    ttfts = [r["ttft_seconds"] for r in ok if r["ttft_seconds"] is not None]
+    return WindowStats(
+        release=release,
+        window_seconds=window_seconds,
+        requests=len(rows),
+        errors=len(rows) - len(ok),
+        requests_per_second=len(rows) / window_seconds,
+        completion_tokens_per_second=sum(r["completion_tokens"] or 0 for r in ok) / window_seconds,
+        latency_p50=percentile(latencies, 50),
+        latency_p95=percentile(latencies, 95),
+        latency_p99=percentile(latencies, 99),
+        ttft_p50=percentile(ttfts, 50),
+        ttft_p95=percentile(ttfts, 95),
+    )

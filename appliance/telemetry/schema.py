@@ -1,0 +1,33 @@
+"""The telemetry tables, in the state database, as their own sqlite-utils migration set."""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+
+def telemetry_migrations() -> Migrations:
+    migrations = Migrations("telemetry")
+
+    @migrations(name="0001_requests")
+    def create_requests(db: Database) -> None:
+        db["requests"].create(
+            {
+                "id": int,
+                "time": float,  # unix time when the request arrived
+                "release": str,
+                "endpoint": str,
+                "status": int,  # HTTP status
+                "prompt_tokens": int,
+                "completion_tokens": int,
+                "queue_seconds": float,
+                "ttft_seconds": float,  # time to first token (None when no token came)
+                "latency_seconds": float,
+                "error_class": str,  # None, or e.g. "bad_request", "queue_full", "cancelled"
+            },
+            pk="id",
+        )
+        db["requests"].create_index(["release", "time"])
+        db["requests"].create_index(["time"])
+
+    return migrations

@@ -1,0 +1,77 @@
+"""A background writer: the request path only appends to an in-memory queue."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from sqlite_utils import Database
+
+FLUSH_SECONDS = 0.5
+PRUNE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    time: float
+    release: str
+    endpoint: str
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_seconds: float | None = None
+    ttft_seconds: float | None = None
+    latency_seconds: float = 0.0
+    error_class: str | None = None
+
+
+class TelemetryWriter:
+    """Batches records into the state DB from its own thread; keeps `retention_seconds`."""
+
+    def __init__(
+        self, open_db: Callable[[], Database], retention_seconds: float, max_pending: int = 100_000
+    ) -> None:
+        self._open_db = open_db
+        self._retention = retention_seconds
+        self._pending: queue.Queue[RequestRecord] = queue.Queue(max_pending)
+        self._stop = threading.Event()
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self._thread.start()
+
+    def record(self, record: RequestRecord) -> None:
+        try:
+            self._pending.put_nowait(record)
+        except queue.Full:  # never block or fail a request for telemetry's sake
+            self.dropped += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        db = self._open_db()
+        last_prune = 0.0
+        while not self._stop.is_set():
+            self._stop.wait(FLUSH_SECONDS)
+            self._flush(db)
+            if time.monotonic() - last_prune > PRUNE_SECONDS:
+                db.execute("DELETE FROM requests WHERE time < ?", [time.time() - self._retention])
+                db.conn.commit()
+                last_prune = time.monotonic()
+        self._flush(db)
+        db.close()
+
+    def _flush(self, db: Database) -> None:
+        batch = []
+        while True:
+            try:
+                batch.append(asdict(self._pending.get_nowait()))
+            except queue.Empty:
+                break
+        if batch:
+            with db.atomic():
+                db["requests"].insert_all(batch)
