@@ -218,12 +218,9 @@ async def _generate(
         ignore_eos=body.ignore_eos,
         deadline=time.monotonic() + service.options.request_timeout_seconds,
     )
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
+    relay = _Relay(service, runtime, kind, arrived, streaming=body.stream)
     try:
-        ticket = runtime.scheduler.submit(
-            generation, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-        )
+        relay.ticket = runtime.scheduler.submit(generation, relay.listener)
     except QueueFull as exc:
         _record(service, runtime, kind, 429, arrived, error_class="queue_full")
         raise ApiError(
@@ -233,7 +230,6 @@ async def _generate(
             "queue_full",
             headers={"Retry-After": "1"},
         ) from exc
-    relay = _Relay(service, runtime, kind, arrived, events, ticket)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
@@ -245,22 +241,36 @@ async def _generate(
 
 
 class _Relay:
-    """Relays one request's scheduler events to its client and records its telemetry."""
+    """Relays one request's scheduler events to its client and records its telemetry.
 
-    def __init__(self, service, runtime, kind, arrived, events, ticket) -> None:
+    A streaming request wakes the event loop for every token; a whole-response request
+    collects its text on the scheduler thread and wakes the loop once, at the end, so
+    the loop does not take CPU from llama.cpp's threads while they decode.
+    """
+
+    def __init__(self, service, runtime, kind: str, arrived: float, streaming: bool) -> None:
         self.service, self.runtime, self.kind, self.arrived = service, runtime, kind, arrived
-        self.events, self.ticket = events, ticket
+        self.streaming = streaming
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.parts: list[str] = []  # whole responses: text gathered on the scheduler thread
+        self.ticket = None
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         self.first_token_at: float | None = None
 
-    async def _next(self) -> Event:
-        event = await self.events.get()
+    def listener(self, event: Event) -> None:
+        """Called on the scheduler thread."""
         if event.text and self.first_token_at is None:
             self.first_token_at = time.time()
-        return event
+        if self.streaming or event.finish_reason is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        else:
+            self.parts.append(event.text)
+
+    async def _next(self) -> Event:
+        return await self.events.get()
 
     async def whole(self, request: Request) -> JSONResponse:
-        parts: list[str] = []
         while True:
             try:
                 event = await asyncio.wait_for(self._next(), timeout=0.5)
@@ -270,9 +280,7 @@ class _Relay:
                     self._finish(499, None, "cancelled")
                     return JSONResponse({}, status_code=499)
                 continue
-            parts.append(event.text)
-            if event.finish_reason is not None:
-                return self._final_response("".join(parts), event)
+            return self._final_response("".join(self.parts) + event.text, event)
 
     def _final_response(self, text: str, event: Event) -> JSONResponse:
         status, error = _status_for(event)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from appliance.errors import ApplianceError
 
@@ -58,26 +59,32 @@ def _quiet_llama_logs() -> None:
 
 
 class Sampler:
-    """One sequence's llama.cpp sampler chain (per-request temperature, top-k, seed...)."""
+    """One sequence's llama.cpp sampler chain (per-request temperature, top-k, seed...).
+
+    Temperature 0 is greedy decoding: an argmax over the logits, done with numpy in place
+    (llama.cpp's greedy sampler first copies all ~262k candidates, about 1 ms a token).
+    """
 
     def __init__(self, params: SamplingParams) -> None:
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._chain = None
         if params.temperature <= 0:
-            stages = [llama_cpp.llama_sampler_init_greedy()]
-        else:
-            seed = DEFAULT_SEED if params.seed < 0 else params.seed & 0xFFFFFFFF
-            stages = [
-                llama_cpp.llama_sampler_init_top_k(params.top_k),
-                llama_cpp.llama_sampler_init_top_p(params.top_p, 1),
-                llama_cpp.llama_sampler_init_min_p(params.min_p, 1),
-                llama_cpp.llama_sampler_init_temp(params.temperature),
-                llama_cpp.llama_sampler_init_dist(seed),
-            ]
+            return
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        seed = DEFAULT_SEED if params.seed < 0 else params.seed & 0xFFFFFFFF
+        stages = [
+            llama_cpp.llama_sampler_init_top_k(params.top_k),
+            llama_cpp.llama_sampler_init_top_p(params.top_p, 1),
+            llama_cpp.llama_sampler_init_min_p(params.min_p, 1),
+            llama_cpp.llama_sampler_init_temp(params.temperature),
+            llama_cpp.llama_sampler_init_dist(seed),
+        ]
         for stage in stages:
             llama_cpp.llama_sampler_chain_add(chain, stage)  # the chain owns its stages
         self._chain = chain
 
     def sample(self, engine: Engine, batch_index: int) -> int:
+        if self._chain is None:
+            return engine.argmax(batch_index)
         return llama_cpp.llama_sampler_sample(self._chain, engine._ctx, batch_index)
 
     def close(self) -> None:
@@ -116,6 +123,7 @@ class Engine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.context_per_slot = llama_cpp.llama_n_ctx_seq(self._ctx)
         self._batch = llama_cpp.llama_batch_init(config.batch_tokens, 0, 1)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._piece = ctypes.create_string_buffer(256)
 
     # -- text ------------------------------------------------------------------------
@@ -194,9 +202,17 @@ class Engine:
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}")
 
-    def forget_sequence(self, sequence: int) -> None:
-        """Free a finished sequence's KV cells."""
-        llama_cpp.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+    def argmax(self, batch_index: int) -> int:
+        logits = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
+        return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
+
+    def forget_sequence(self, sequence: int, from_position: int = 0) -> bool:
+        """Free a sequence's KV cells from a position on (all of them by default).
+
+        False when llama.cpp cannot cut there (a sliding-window cache that already dropped
+        early positions, say); the caller then clears the whole sequence."""
+        start = -1 if from_position <= 0 else from_position
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, sequence, start, -1))
 
     def close(self) -> None:
         if self._ctx:

@@ -3,8 +3,10 @@
 Each step decodes, in one llama_decode call, the last sampled token of every generating
 slot plus a chunk of prompt prefill (bounded, so a long prompt never stalls running
 streams). New requests join between steps; a finished, cancelled or expired request frees
-its slot and its KV cells at once. The queue is bounded: when it is full, submit() refuses
-and the API answers 429.
+its slot at once. A free slot keeps its KV cells: a new request goes to the free slot that
+already holds the longest prefix of its prompt (a shared system prompt, a repeated eval
+prompt, the previous turn of a chat) and prefills only the rest. The queue is bounded:
+when it is full, submit() refuses and the API answers 429.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class _Active:
     enqueued_at: float
     slot: int = -1
     sampler: Sampler | None = None
-    prefilled: int = 0  # prompt tokens already decoded
+    prefilled: int = 0  # prompt tokens already in the slot's KV cells
+    decoded: list[int] = field(default_factory=list)  # every token now in the KV cells
     pending_token: int | None = None  # sampled, not yet decoded
     generated: int = 0
     started_at: float = 0.0
@@ -96,6 +99,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._queue: collections.deque[_Active] = collections.deque()
         self._active: dict[int, _Active] = {}
+        self._cached: dict[int, list[int]] = {}  # free slot -> tokens its KV cells hold
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -140,15 +144,27 @@ class Scheduler:
                 self._step()
 
     def _admit(self) -> None:
-        free = [s for s in range(self.slots) if s not in self._active]
-        while free and self._queue:
+        while len(self._active) < self.slots and self._queue:
             active = self._queue.popleft()
-            active.slot = free.pop(0)
+            active.slot, active.prefilled = self._claim_slot(active.generation.prompt_tokens)
+            active.decoded = active.generation.prompt_tokens[: active.prefilled]
             active.sampler = Sampler(active.generation.sampling)
             active.started_at = time.monotonic()
             self._active[active.slot] = active
         self.stats.queued = len(self._queue)
         self.stats.busy_slots = len(self._active)
+
+    def _claim_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot sharing the longest prefix with `prompt`, and how much to keep."""
+        free = [s for s in range(self.slots) if s not in self._active]
+        reuse = {s: _common_prefix(self._cached.get(s, []), prompt) for s in free}
+        slot = max(free, key=lambda s: reuse[s])
+        keep = min(reuse[slot], len(prompt) - 1)  # the last prompt token is decoded for logits
+        if not self.engine.forget_sequence(slot, keep):
+            self.engine.forget_sequence(slot)
+            keep = 0
+        self._cached.pop(slot, None)
+        return slot, keep
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -180,6 +196,7 @@ class Scheduler:
                 if last:
                     samplers.append((active, len(items)))
                 items.append(BatchItem(token, position, active.slot, last))
+            active.decoded.extend(chunk)
             active.prefilled += len(chunk)
             budget -= len(chunk)
         try:
@@ -217,7 +234,10 @@ class Scheduler:
         active.pending_token = token
 
     def _finish(self, active: _Active, reason: str, error: str = "") -> None:
-        self.engine.forget_sequence(active.slot)
+        if reason == "error":
+            self.engine.forget_sequence(active.slot)
+        else:  # keep the KV cells for a later request with the same prefix
+            self._cached[active.slot] = active.decoded
         active.sampler.close()
         del self._active[active.slot]
         self.stats.busy_slots = len(self._active)
@@ -239,6 +259,15 @@ class Scheduler:
             active.listener(event)
         except Exception:  # a listener whose client went away must not stop the loop
             active.cancelled.set()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -12,6 +12,8 @@ import logging
 import threading
 from pathlib import Path
 
+from sqlite_utils import Database
+
 from appliance.paths import AppliancePaths
 from appliance.serve.metrics import ServiceMetrics
 from appliance.serve.runtime import ModelRuntime, ServiceOptions, ServingConfig
@@ -56,7 +58,11 @@ class Service:
                     self.options,
                 )
             )
-        self._poll()
+        db = open_state_db(self.paths.state_db)
+        try:
+            self._poll(db)
+        finally:
+            db.close()
         self._watcher.start()
 
     def close(self) -> None:
@@ -70,21 +76,19 @@ class Service:
     # -- watching the store ----------------------------------------------------------
 
     def _watch(self) -> None:
+        db = open_state_db(self.paths.state_db)
         while not self._stop.wait(self.options.poll_seconds):
             try:
-                self._poll()
-            except Exception:  # a locked or missing DB must not kill the watcher
+                self._poll(db)
+            except Exception:  # a locked DB must not kill the watcher
                 log.exception("polling the state database failed")
+        db.close()
 
-    def _poll(self) -> None:
-        db = open_state_db(self.paths.state_db)
-        try:
-            self.api_key_hashes = active_key_hashes(db)
-            if self.dev_model is not None:
-                return
-            active = self.store.release_by_id(db, self.store.state(db).active_id)
-        finally:
-            db.close()
+    def _poll(self, db: Database) -> None:
+        self.api_key_hashes = active_key_hashes(db)
+        if self.dev_model is not None:
+            return
+        active = self.store.release_by_id(db, self.store.state(db).active_id)
         current = self._runtime.release_id if self._runtime else None
         if active is None or active.id in (current, self._failed_release_id):
             return
