@@ -297,7 +297,7 @@ def test_gemma_serves_a_real_completion(tmp_path, gemma_gguf):
         completion = client.completions.create(
             model=f"dev:{gemma_gguf.name}",
             max_tokens=8,
-            prompt="The capital of France is",
+            prompt="The Eiffel Tower is in the city of",
             temperature=0,
         )
         assert "Paris" in completion.choices[0].text
