@@ -97,8 +97,11 @@ def measure(name: str, command: list[str], port: int, ready_path: str, args) -> 
             ordered = sorted(latencies)
             p95 = ordered[max(0, int(0.95 * len(ordered) + 0.5) - 1)]
             results.append(Result(name, clients, tokens / wall, statistics.median(ordered), p95))
-            print(f"  {name:<18} {clients} client(s): {tokens / wall:6.1f} tok/s, "
-                  f"p50 {statistics.median(ordered):5.2f} s, p95 {p95:5.2f} s", flush=True)
+            print(
+                f"  {name:<18} {clients} client(s): {tokens / wall:6.1f} tok/s, "
+                f"p50 {statistics.median(ordered):5.2f} s, p95 {p95:5.2f} s",
+                flush=True,
+            )
         return results
     finally:
         process.terminate()
@@ -138,9 +141,11 @@ def main() -> None:
     for peer in [s[0] for s in servers[1:]]:
         for clients in (1, 8):
             ours, theirs = results[("appliance", clients)], results[(peer, clients)]
-            print(f"  vs {peer:<18} {clients} client(s): throughput "
-                  f"{ours.tokens_per_second / theirs.tokens_per_second:.2f}x, "
-                  f"p95 {theirs.p95 / ours.p95:.2f}x")
+            print(
+                f"  vs {peer:<18} {clients} client(s): throughput "
+                f"{ours.tokens_per_second / theirs.tokens_per_second:.2f}x, "
+                f"p95 {theirs.p95 / ours.p95:.2f}x"
+            )
 
 
 def default_model() -> Path:

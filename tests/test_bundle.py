@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -251,3 +252,52 @@ def test_openssl_and_sha256sum_verify_a_bundle(run_cli, tiny_bundle, trusted_key
     (files / "serving.json").write_text('{"threads": 64}')
     tampered = subprocess.run(script, capture_output=True, text=True)
     assert tampered.returncode != 0 and "serving.json" in tampered.stdout + tampered.stderr
+
+
+@pytest.mark.real_model
+def test_demo_ends_serving_on_loopback(gemma_gguf, appliance_home):
+    """The README's main command: everything, then the service answering on 127.0.0.1."""
+    import os
+
+    import httpx
+    from serving import free_port, wait_for
+
+    cache = appliance_home / "cache" / "models"
+    cache.mkdir(parents=True)
+    shutil.copy(gemma_gguf, cache / gemma_gguf.name)
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "appliance",
+        "demo",
+        str(REPO / "bundles/demo/bundle.toml"),
+        "--serve",
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(
+        command, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(url + "/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_for(ready, seconds=120)
+        key = (appliance_home / "etc/demo-keys/api-key").read_text().strip()
+        response = httpx.post(
+            url + "/v1/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"prompt": "Monday, Tuesday,", "max_tokens": 6},
+            timeout=60,
+        )
+        assert response.status_code == 200 and response.json()["model"] == "demo@1.0.0"
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "curl -s http://127.0.0.1" in output and "from openai import OpenAI" in output

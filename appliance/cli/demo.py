@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -9,8 +10,10 @@ import click
 from appliance.build.builder import build_bundle
 from appliance.build.spec import load_bundle_spec
 from appliance.cli.common import load_key_file, progress_bar
+from appliance.cli.serve import serve
 from appliance.errors import StoreError
 from appliance.paths import appliance_paths
+from appliance.store.apikeys import create_api_key
 from appliance.store.releases import ReleaseStore
 from appliance.trust.crypto import load_public_key
 from appliance.trust.keyfiles import write_key_pair
@@ -27,12 +30,21 @@ FORCE_REASON = "demo: no eval report yet, activated without the gate"
     default="bundles/demo/bundle.toml",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
 )
-def demo(bundle_toml: Path) -> None:
-    """Build, sign, verify, install and activate BUNDLE_TOML with a local demo key.
+@click.option(
+    "--serve/--no-serve",
+    "then_serve",
+    default=False,
+    help="Finish by serving the release on 127.0.0.1 (until Ctrl-C).",
+)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.pass_context
+def demo(ctx: click.Context, bundle_toml: Path, then_serve: bool, port: int) -> None:
+    """Build, sign, verify, install, activate (and serve) BUNDLE_TOML with a demo key.
 
     Creates a demo signing key under the appliance home (once) and trusts it, builds the
     signed bundle into <state>/bundles, verifies it as an operator would, installs it
-    into the release store and makes it the active release. Safe to run again.
+    into the release store, makes it the active release and, with --serve, serves it
+    with a demo API key. Safe to run again.
     """
     paths = appliance_paths()
     store = ReleaseStore(paths)
@@ -58,6 +70,38 @@ def demo(bundle_toml: Path) -> None:
     how = "now the active release (--force, audited)" if changed else "already active"
     click.echo(f"[5/5] {activated.ref} is {how}")
     click.echo(f"\nappliance home: {paths.config_dir.parent}")
+    if then_serve:
+        key = _demo_api_key(store)
+        click.echo(SERVE_HINT.format(port=port, key=key, model=activated.ref))
+        ctx.invoke(serve, port=port)
+
+
+SERVE_HINT = """
+serving on http://127.0.0.1:{port} (Ctrl-C stops it); try, from another terminal:
+
+  curl -s http://127.0.0.1:{port}/v1/completions -H "Authorization: Bearer {key}" \\
+       -H "Content-Type: application/json" \\
+       -d '{{"prompt": "The Eiffel Tower is in the city of", "max_tokens": 12}}'
+
+  python - <<'PY'
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="{key}")
+  print(client.completions.create(model="{model}", prompt="Monday, Tuesday,",
+                                  max_tokens=12).choices[0].text)
+  PY
+"""
+
+
+def _demo_api_key(store: ReleaseStore) -> str:
+    """The demo's API key, created once and kept (mode 0600) beside the demo signing key."""
+    path = store.paths.config_dir / "demo-keys" / "api-key"
+    if path.exists():
+        return path.read_text().strip()
+    _row, token = create_api_key(store, "demo")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
 
 
 def _demo_key(store: ReleaseStore) -> Path:

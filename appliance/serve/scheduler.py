@@ -213,6 +213,7 @@ class Scheduler:
     def _accept(self, active: _Active, token: int) -> None:
         generation = active.generation
         if self.engine.is_end_of_generation(token) and not generation.ignore_eos:
+            active.text += active.decoder.decode(b"", final=True)
             self._finish(active, "stop")
             return
         active.generated += 1
