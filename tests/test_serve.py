@@ -309,3 +309,56 @@ def test_gemma_serves_a_real_completion(tmp_path, gemma_gguf):
         assert chat.choices[0].message.role == "assistant"
     finally:
         server.stop()
+
+
+def test_stop_strings_end_the_completion(server: Server):
+    body = {"prompt": "the model", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    full = server.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), f"need a visible stop string from {full!r}"
+    cut = server.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full[: full.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(server: Server):
+    body = {
+        "prompt": "the model",
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "ignore_eos": True,
+    }
+    texts = {
+        seed: [
+            server.post("/v1/completions", json={**body, "seed": seed}).json()["choices"][0]["text"]
+            for _ in range(2)
+        ]
+        for seed in (1, 2)
+    }
+    assert texts[1][0] == texts[1][1] and texts[2][0] == texts[2][1]
+    assert texts[1][0] != texts[2][0]
+
+
+def test_scheduler_expires_requests_past_their_deadline(tiny_gguf):
+    from appliance.serve.engine import Engine, EngineConfig, SamplingParams
+    from appliance.serve.scheduler import Generation, Scheduler
+
+    engine = Engine(EngineConfig(tiny_gguf, slots=1, context_per_slot=256))
+    scheduler = Scheduler(engine, max_queue=4)
+    events, done = [], threading.Event()
+
+    def listener(event):
+        events.append(event)
+        if event.finish_reason:
+            done.set()
+
+    prompt = engine.tokenize("the model")
+    expired = Generation(prompt, SamplingParams(temperature=0), 50, deadline=time.monotonic())
+    scheduler.submit(expired, listener)
+    assert done.wait(30)
+    assert events[-1].finish_reason == "timeout" and events[-1].completion_tokens < 50
+    scheduler.stop()
+    engine.close()
