@@ -10,6 +10,7 @@ from appliance.cli.audit import audit
 from appliance.cli.bundle import bundle
 from appliance.cli.common import ApplianceGroup
 from appliance.cli.demo import demo
+from appliance.cli.evals import eval_group
 from appliance.cli.installer import installer
 from appliance.cli.keys import keys
 from appliance.cli.release import release
@@ -29,6 +30,7 @@ def cli() -> None:
 cli.add_command(keys)
 cli.add_command(bundle)
 cli.add_command(release)
+cli.add_command(eval_group)
 cli.add_command(audit)
 cli.add_command(installer)
 cli.add_command(serve)

@@ -12,6 +12,7 @@ from appliance.build.spec import load_bundle_spec
 from appliance.cli.common import load_key_file, progress_bar
 from appliance.cli.serve import serve
 from appliance.errors import StoreError
+from appliance.evals.evaluate import evaluate_release, judge_gate, planned_cases
 from appliance.paths import appliance_paths
 from appliance.store.apikeys import create_api_key
 from appliance.store.releases import ReleaseStore
@@ -21,7 +22,6 @@ from appliance.trust.truststore import load_trust_store
 from appliance.trust.verify import verify_bundle
 
 DEMO_KEY_NAME = "demo-signing"
-FORCE_REASON = "demo: no eval report yet, activated without the gate"
 
 
 @click.command()
@@ -39,12 +39,13 @@ FORCE_REASON = "demo: no eval report yet, activated without the gate"
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.pass_context
 def demo(ctx: click.Context, bundle_toml: Path, then_serve: bool, port: int) -> None:
-    """Build, sign, verify, install, activate (and serve) BUNDLE_TOML with a demo key.
+    """Build, sign, verify, install, gate, activate (and serve) BUNDLE_TOML with a demo key.
 
     Creates a demo signing key under the appliance home (once) and trusts it, builds the
     signed bundle into <state>/bundles, verifies it as an operator would, installs it
-    into the release store, makes it the active release and, with --serve, serves it
-    with a demo API key. Safe to run again.
+    into the release store, runs its frozen eval gate on this host, makes it the active
+    release if the gate passes and, with --serve, serves it with a demo API key. Safe to
+    run again.
     """
     paths = appliance_paths()
     store = ReleaseStore(paths)
@@ -57,18 +58,26 @@ def demo(ctx: click.Context, bundle_toml: Path, then_serve: bool, port: int) -> 
     except StoreError:
         installed = None
     if installed is None:
-        click.echo(f"[2/5] building {ref} from {bundle_toml}")
+        click.echo(f"[2/6] building {ref} from {bundle_toml}")
         built = build_bundle(spec, [load_key_file(private_key)], paths.state_dir / "bundles")
         click.echo(f"      wrote {built.path} ({built.path.stat().st_size / 1e6:.1f} MB)")
         _verify(built.path)
-        click.echo("[4/5] installing into the release store")
+        click.echo("[4/6] installing into the release store")
         installed = store.install(built.path).release
         click.echo(f"      installed at {installed.path}")
     else:
-        click.echo(f"[2-4/5] {ref} is already installed at {installed.path}")
-    activated, changed = store.activate(ref, force=True, reason=FORCE_REASON)
-    how = "now the active release (--force, audited)" if changed else "already active"
-    click.echo(f"[5/5] {activated.ref} is {how}")
+        click.echo(f"[2-4/6] {ref} is already installed at {installed.path}")
+    db = store.open_db()
+    already_active = store.state(db).active_id == installed.id
+    db.close()
+    if already_active:
+        report = judge_gate(store, ref)
+        click.echo(f"[5/6] eval gate: PASSED earlier ({report['created']})")
+    else:
+        _run_gate(store, ref)
+    activated, changed = store.activate(ref)
+    how = "now the active release" if changed else "already active"
+    click.echo(f"[6/6] {activated.ref} is {how}")
     click.echo(f"\nappliance home: {paths.config_dir.parent}")
     if then_serve:
         key = _demo_api_key(store)
@@ -108,18 +117,37 @@ def _demo_key(store: ReleaseStore) -> Path:
     keys_dir = store.paths.config_dir / "demo-keys"
     private_key = keys_dir / f"{DEMO_KEY_NAME}.key"
     if private_key.exists():
-        click.echo(f"[1/5] using the demo signing key in {keys_dir}")
+        click.echo(f"[1/6] using the demo signing key in {keys_dir}")
     else:
         write_key_pair(keys_dir, DEMO_KEY_NAME, passphrase=None)
-        click.echo(f"[1/5] generated a demo signing key in {keys_dir}")
+        click.echo(f"[1/6] generated a demo signing key in {keys_dir}")
     public = load_public_key((keys_dir / f"{DEMO_KEY_NAME}.pub").read_bytes())
     if load_trust_store(store.paths.trust_store).active_key(public.key_id) is None:
         store.trust_key(public, DEMO_KEY_NAME)
     return private_key
 
 
+def _run_gate(store: ReleaseStore, ref: str) -> None:
+    """The frozen eval spec on this host; the release may serve only if it passes."""
+    total = planned_cases(store, ref)
+    click.echo(f"[5/6] eval gate: running the frozen spec on this host ({total} case runs)")
+    with progress_bar(total, "      evaluating", enabled=True) as update:
+        evaluation = evaluate_release(store, ref, progress=update)
+    report, verdict = evaluation.report, evaluation.report["gate"]
+    overall = report["overall"]
+    click.echo(
+        f"      {'PASSED' if verdict['passed'] else 'FAILED'}: {overall['passed']}/"
+        f"{overall['n']} cases, p95 {report['latency_ms']['p95']:.0f} ms, "
+        f"{report['wall_seconds']:.1f} s; report {evaluation.files['markdown']}"
+    )
+    for failure in verdict["failures"]:
+        click.echo(f"      FAIL {failure['criterion']}: {failure['detail']}")
+    if not verdict["passed"]:
+        judge_gate(store, ref)  # raises with the failed criterion's exit code
+
+
 def _verify(bundle: Path) -> None:
-    click.echo("[3/5] verifying the bundle against the trust store")
+    click.echo("[3/6] verifying the bundle against the trust store")
     trust = load_trust_store(appliance_paths().trust_store)
     with progress_bar(bundle.stat().st_size, "      verifying", enabled=True) as update:
         verified = verify_bundle(bundle, trust, progress=update)

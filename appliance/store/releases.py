@@ -40,7 +40,7 @@ from appliance.paths import AppliancePaths
 from appliance.store import audit
 from appliance.store.db import open_state_db
 from appliance.store.faults import fault_point
-from appliance.store.gate import GateDecision, activation_gate, spec_hash
+from appliance.store.gate import GateDecision, activation_gate, host_id, spec_hash
 from appliance.trust.crypto import PublicKey
 from appliance.trust.manifest import NAME_PATTERN, VERSION_PATTERN, Manifest, statement_bytes
 from appliance.trust.truststore import (
@@ -332,6 +332,28 @@ class ReleaseStore:
             fault_point("remove.after_commit")
             _remove_tree(Path(release.path))  # a crash here leaves an orphan that _recover removes
             return release
+
+    def record_eval_report(
+        self, release: Release, spec_hash: str, passed: bool, report_json: str
+    ) -> int:
+        """Store an eval report for this host (the activation gate reads it) and audit it."""
+        with self.admin() as db, db.atomic():
+            report_id = (
+                db["eval_reports"]
+                .insert(
+                    {
+                        "release_id": release.id,
+                        "spec_hash": spec_hash,
+                        "host": host_id(),
+                        "passed": int(passed),
+                        "created": _now(),
+                        "report": report_json,
+                    }
+                )
+                .last_pk
+            )
+            audit.append(db, "eval", release.ref, details={"report": report_id, "passed": passed})
+            return report_id
 
     def trust_key(self, public_key: PublicKey, name: str) -> TrustedKey:
         with self.admin() as db:

@@ -1,0 +1,127 @@
+"""`appliance eval`: run a release's frozen eval spec and judge its activation gate."""
+
+from __future__ import annotations
+
+import click
+
+from appliance.cli.common import emit_json, json_option, progress_bar, want_json_errors
+from appliance.evals.evaluate import evaluate_release, judge_gate
+from appliance.paths import appliance_paths
+from appliance.store.releases import ReleaseStore
+
+
+@click.group(name="eval")
+def eval_group() -> None:
+    """Run eval specs and judge the activation gate (quality, defects, p95, cost, regression)."""
+
+
+@eval_group.command()
+@click.argument("ref", metavar="NAME@VERSION")
+@click.option(
+    "--baseline",
+    metavar="NAME@VERSION",
+    default="active",
+    show_default=True,
+    help="Compare against this release on the same cases ('none' to skip).",
+)
+@click.option("--url", help="Run against this running service instead of in-process.")
+@click.option(
+    "--api-key",
+    envvar="APPLIANCE_API_KEY",
+    default="",
+    help="API key for --url (or $APPLIANCE_API_KEY).",
+)
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Cases in flight at once (the service's slots).",
+)
+@json_option
+@click.pass_context
+def run(
+    ctx: click.Context,
+    ref: str,
+    baseline: str,
+    url: str | None,
+    api_key: str,
+    concurrency: int,
+    as_json: bool,
+) -> None:
+    """Run NAME@VERSION's eval spec on this host, store and write the report.
+
+    Exits 0 when the gate passes, else with the first failed criterion's code:
+    40 suite pass rate, 41 defect rate, 42 p95 latency, 43 cost per success, 44 regression.
+    """
+    want_json_errors(ctx, as_json)
+    store = ReleaseStore(appliance_paths())
+    db = store.open_db()
+    cases = len(load_spec(Path(store.release(db, ref).path)).cases)
+    db.close()
+    total = cases * (1 if baseline == "none" else 2)
+    with progress_bar(total, "evaluating", enabled=not as_json) as update:
+        evaluation = evaluate_release(
+            store, ref, None if baseline == "none" else baseline, url, api_key, concurrency, update
+        )
+    report = evaluation.report
+    if as_json:
+        emit_json(
+            {
+                "ok": report["gate"]["passed"],
+                "report_id": evaluation.report_id,
+                "files": {k: str(v) for k, v in evaluation.files.items()},
+                "gate": report["gate"],
+                "overall": report["overall"],
+            }
+        )
+    else:
+        _print_summary(report, evaluation.files)
+    if not report["gate"]["passed"]:
+        judge_gate(store, ref)  # raises with the criterion's exit code
+
+
+@eval_group.command()
+@click.argument("ref", metavar="NAME@VERSION")
+@json_option
+@click.pass_context
+def gate(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Judge NAME@VERSION's gate from its latest report on this host (no new run).
+
+    Exit 0: passed. 23: no report, or one for another spec hash. 40-44: the first
+    failed criterion (see `eval run`).
+    """
+    want_json_errors(ctx, as_json)
+    report = judge_gate(ReleaseStore(appliance_paths()), ref)
+    if as_json:
+        emit_json(
+            {
+                "ok": True,
+                "release": ref,
+                "spec_hash": report["spec_hash"],
+                "created": report["created"],
+            }
+        )
+    else:
+        click.echo(
+            f"{ref}: gate PASSED (report of {report['created']}, spec {report['spec_hash'][:16]})"
+        )
+
+
+def _print_summary(report: dict, files: dict) -> None:
+    overall = report["overall"]
+    verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
+    click.echo(
+        f"{report['release']}: gate {verdict}; {overall['passed']}/{overall['n']} cases "
+        f"passed; p95 {report['latency_ms']['p95']:.0f} ms; "
+        f"{report['tokens_per_second']:.1f} tok/s; {report['wall_seconds']:.1f} s"
+    )
+    for name, suite in report["suites"].items():
+        low, high = suite["wilson_95"]
+        click.echo(
+            f"  {name:<12} {suite['passed']}/{suite['n']} = {suite['pass_rate']:.2f} "
+            f"[{low:.2f}, {high:.2f}] (min {suite['min_pass_rate']:.2f})"
+        )
+    for failure in report["gate"]["failures"]:
+        click.echo(f"  FAIL {failure['criterion']}: {failure['detail']}")
+    click.echo(f"  reports: {files['markdown']} (.json, .xml beside it)")

@@ -1,0 +1,1 @@
+"""Local evaluation: frozen specs, scorers, statistics, the runner, reports and the gate."""

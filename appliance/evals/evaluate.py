@@ -1,0 +1,117 @@
+"""Evaluate an installed release and judge its gate: the functions the CLI and the demo call."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import GateError
+from appliance.evals.report import CRITERIA, build_report, write_reports
+from appliance.evals.runner import Progress, run_in_process, run_over_http
+from appliance.evals.spec import load_spec
+from appliance.store.gate import host_id
+from appliance.store.releases import Release, ReleaseStore
+
+
+class GateFailed(GateError):
+    """The release's latest eval report failed a gate criterion (exit code per criterion)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    report: dict[str, Any]
+    files: dict[str, Path]
+    report_id: int
+
+
+def evaluate_release(
+    store: ReleaseStore,
+    ref: str,
+    baseline_ref: str | None = "active",
+    url: str | None = None,
+    api_key: str = "",
+    slots: int = 8,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Run the release's frozen spec (in-process, or against the service at `url`), compare
+    with the baseline (default: the active release) on the same cases, store the report."""
+    release, baseline = releases_to_run(store, ref, baseline_ref)
+    store.verify_installed(release)  # only verified files are loaded
+    spec = load_spec(Path(release.path))
+    if url:
+        run = run_over_http(spec, url, api_key, slots, progress)
+    else:
+        run = run_in_process(spec, Path(release.path), slots, progress)
+    compared = None
+    if baseline is not None:
+        store.verify_installed(baseline)
+        compared = (baseline.ref, run_in_process(spec, Path(baseline.path), slots, progress))
+    report = build_report(spec, run, release.ref, release.spec_hash, host_id(), compared)
+    files = write_reports(
+        report, store.paths.state_dir / "reports" / release.name / release.version
+    )
+    report_id = store.record_eval_report(
+        release, release.spec_hash, report["gate"]["passed"], json.dumps(report)
+    )
+    return Evaluation(report, files, report_id)
+
+
+def releases_to_run(
+    store: ReleaseStore, ref: str, baseline_ref: str | None
+) -> tuple[Release, Release | None]:
+    """The candidate and its baseline ("active": the active release, unless that is the
+    candidate itself or nothing is active; None: no baseline)."""
+    db = store.open_db()
+    try:
+        release = store.release(db, ref)
+        if baseline_ref is None:
+            return release, None
+        if baseline_ref == "active":
+            active = store.release_by_id(db, store.state(db).active_id)
+            return release, active if active is not None and active.id != release.id else None
+        return release, store.release(db, baseline_ref)
+    finally:
+        db.close()
+
+
+def planned_cases(store: ReleaseStore, ref: str, baseline_ref: str | None = "active") -> int:
+    """How many case runs an evaluation makes (for progress bars)."""
+    release, baseline = releases_to_run(store, ref, baseline_ref)
+    return len(load_spec(Path(release.path)).cases) * (2 if baseline else 1)
+
+
+def judge_gate(store: ReleaseStore, ref: str) -> dict[str, Any]:
+    """The latest report for this release on this host, if it counts; raise if it fails."""
+    db = store.open_db()
+    release = store.release(db, ref)
+    rows = list(
+        db.query(
+            "SELECT * FROM eval_reports WHERE release_id = ? AND host = ? ORDER BY id DESC LIMIT 1",
+            [release.id, host_id()],
+        )
+    )
+    db.close()
+    if not rows:
+        raise GateError(f"{ref} has no eval report on this host: run `appliance eval run {ref}`")
+    row = rows[0]
+    if row["spec_hash"] != release.spec_hash:
+        raise GateError(
+            f"the latest eval report of {ref} was made for another spec hash "
+            f"({row['spec_hash'][:16]}, not {release.spec_hash[:16]}); it does not count"
+        )
+    report = json.loads(row["report"])
+    failures = report["gate"]["failures"]
+    if failures:
+        first = failures[0]
+        raise GateFailed(
+            f"{ref} fails its gate: "
+            + "; ".join(f"{f['criterion']} ({f['detail']})" for f in failures),
+            CRITERIA[first["criterion"]],
+        )
+    return report

@@ -1,0 +1,272 @@
+"""Eval reports: per-suite pass rates with Wilson intervals, defect rates by tag, latency
+percentiles, tokens/s, cost per successful task, the paired regression against a baseline,
+and the gate verdict; written as JSON (machines), Markdown (people) and JUnit XML (CI)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+from appliance.evals.runner import CaseResult, RunResult
+from appliance.evals.spec import EvalSpec
+from appliance.evals.stats import (
+    mcnemar_exact,
+    paired_bootstrap_interval,
+    percentile,
+    wilson_interval,
+)
+
+# Gate criteria in the order they are checked; the exit code of `eval gate` is the first
+# failing one's (all failures are listed in the report).
+CRITERIA = {
+    "suite_pass_rate": 40,
+    "defect_rate": 41,
+    "p95_latency": 42,
+    "cost_per_success": 43,
+    "regression": 44,
+}
+
+
+def build_report(
+    spec: EvalSpec,
+    run: RunResult,
+    release: str,
+    spec_hash: str,
+    host: str,
+    baseline: tuple[str, RunResult] | None = None,
+) -> dict[str, Any]:
+    cases = run.cases
+    successes = sum(c.passed for c in cases)
+    latencies = [c.latency_ms for c in cases]
+    ttfts = [c.ttft_ms for c in cases if c.ttft_ms is not None]
+    cost = run.cpu_seconds / 3600 * spec.gates.cost_per_cpu_hour
+    report: dict[str, Any] = {
+        "release": release,
+        "spec": spec.name,
+        "spec_hash": spec_hash,
+        "host": host,
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "overall": _rate(successes, len(cases)),
+        "suites": {
+            s.name: {
+                **_rate(
+                    sum(c.passed for c in cases if c.suite == s.name),
+                    sum(1 for c in cases if c.suite == s.name),
+                ),
+                "min_pass_rate": s.min_pass_rate,
+            }
+            for s in spec.suites
+        },
+        "defect_rates": _defect_rates(cases),
+        "latency_ms": {
+            "p50": percentile(latencies, 50),
+            "p95": percentile(latencies, 95),
+            "p99": percentile(latencies, 99),
+        },
+        "ttft_ms": {
+            "p50": percentile(ttfts, 50),
+            "p95": percentile(ttfts, 95),
+            "p99": percentile(ttfts, 99),
+        },
+        "tokens_per_second": sum(c.completion_tokens for c in cases) / run.wall_seconds,
+        "wall_seconds": run.wall_seconds,
+        "cpu_seconds": run.cpu_seconds,
+        "cost": cost,
+        "cost_per_success": cost / successes if successes else None,
+        "regression": _regression(spec, cases, baseline),
+        "cases": [asdict(c) for c in cases],
+    }
+    report["gate"] = gate_verdict(spec, report)
+    return report
+
+
+def _rate(passed: int, n: int) -> dict[str, Any]:
+    low, high = wilson_interval(passed, n)
+    return {
+        "n": n,
+        "passed": passed,
+        "pass_rate": passed / n if n else 0.0,
+        "wilson_95": [low, high],
+    }
+
+
+def _defect_rates(cases: list[CaseResult]) -> dict[str, dict[str, Any]]:
+    tags = sorted({t for c in cases for t in c.tags})
+    rates = {}
+    for tag in tags:
+        tagged = [c for c in cases if tag in c.tags]
+        defects = sum(not c.passed for c in tagged)
+        rates[tag] = {"n": len(tagged), "defects": defects, "rate": defects / len(tagged)}
+    return rates
+
+
+def _regression(
+    spec: EvalSpec, cases: list[CaseResult], baseline: tuple[str, RunResult] | None
+) -> dict[str, Any] | None:
+    if baseline is None:
+        return None
+    name, run = baseline
+    before = {c.id: c.passed for c in run.cases}
+    paired = [(c.passed, before[c.id]) for c in cases if c.id in before]
+    if not paired:
+        return None
+    now, then = [p[0] for p in paired], [p[1] for p in paired]
+    to_fail = [c.id for c in cases if c.id in before and before[c.id] and not c.passed]
+    to_pass = [c.id for c in cases if c.id in before and not before[c.id] and c.passed]
+    difference = (sum(now) - sum(then)) / len(paired)
+    p_value = mcnemar_exact(len(to_fail), len(to_pass))
+    return {
+        "baseline": name,
+        "paired_cases": len(paired),
+        "difference": difference,
+        "bootstrap_95": list(paired_bootstrap_interval(now, then, seed=spec.seed)),
+        "mcnemar_p": p_value,
+        "flipped_to_fail": to_fail,
+        "flipped_to_pass": to_pass,
+        "significant_regression": p_value < spec.gates.alpha
+        and difference < -spec.gates.non_inferiority_margin,
+    }
+
+
+def gate_verdict(spec: EvalSpec, report: dict[str, Any]) -> dict[str, Any]:
+    gates, failures = spec.gates, []
+    for name, suite in report["suites"].items():
+        if suite["pass_rate"] < suite["min_pass_rate"]:
+            failures.append(
+                {
+                    "criterion": "suite_pass_rate",
+                    "detail": f"{name}: {suite['pass_rate']:.2f} < {suite['min_pass_rate']:.2f}",
+                }
+            )
+    for tag, limit in gates.max_defect_rate.items():
+        rate = report["defect_rates"].get(tag, {"rate": 0.0})["rate"]
+        if rate > limit:
+            failures.append({"criterion": "defect_rate", "detail": f"{tag}: {rate:.2f} > {limit}"})
+    p95 = report["latency_ms"]["p95"]
+    if gates.max_p95_latency_ms is not None and p95 is not None and p95 > gates.max_p95_latency_ms:
+        failures.append(
+            {
+                "criterion": "p95_latency",
+                "detail": f"{p95:.0f} ms > {gates.max_p95_latency_ms:.0f} ms",
+            }
+        )
+    cost = report["cost_per_success"]
+    if gates.max_cost_per_success is not None and (
+        cost is None or cost > gates.max_cost_per_success
+    ):
+        failures.append(
+            {"criterion": "cost_per_success", "detail": f"{cost} > {gates.max_cost_per_success}"}
+        )
+    regression = report["regression"]
+    if regression and regression["significant_regression"]:
+        failures.append(
+            {
+                "criterion": "regression",
+                "detail": f"{regression['difference']:+.2f} vs {regression['baseline']} "
+                f"(McNemar p = {regression['mcnemar_p']:.4f})",
+            }
+        )
+    failures.sort(key=lambda f: CRITERIA[f["criterion"]])
+    return {"passed": not failures, "failures": failures}
+
+
+def write_reports(report: dict[str, Any], directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = report["created"].replace(":", "")
+    paths = {
+        "json": directory / f"{stem}.json",
+        "markdown": directory / f"{stem}.md",
+        "junit": directory / f"{stem}.xml",
+    }
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"].write_text(markdown(report))
+    paths["junit"].write_bytes(junit_xml(report))
+    return paths
+
+
+def markdown(report: dict[str, Any]) -> str:
+    gate = report["gate"]
+    lines = [
+        f"# Eval report: {report['release']}",
+        "",
+        f"- Verdict: **{'PASS' if gate['passed'] else 'FAIL'}**",
+        f"- Spec: {report['spec']} (`{report['spec_hash'][:16]}`), host `{report['host'][:12]}`,"
+        f" {report['created']}",
+        f"- Overall: {_fmt_rate(report['overall'])}",
+        f"- Latency p50/p95/p99: {_ms(report['latency_ms'])}; time to first token: "
+        f"{_ms(report['ttft_ms'])}",
+        f"- {report['tokens_per_second']:.1f} tokens/s; {report['cpu_seconds']:.1f} CPU-s; "
+        f"cost per successful case {report['cost_per_success']}",
+        "",
+        "| suite | pass rate (95% Wilson) | minimum |",
+        "|---|---|---|",
+    ]
+    for name, suite in report["suites"].items():
+        lines.append(f"| {name} | {_fmt_rate(suite)} | {suite['min_pass_rate']:.2f} |")
+    if report["defect_rates"]:
+        lines += ["", "| tag | defects |", "|---|---|"]
+        for tag, d in report["defect_rates"].items():
+            lines.append(f"| {tag} | {d['defects']}/{d['n']} ({d['rate']:.2f}) |")
+    regression = report["regression"]
+    if regression:
+        lines += [
+            "",
+            f"## Against {regression['baseline']}",
+            "",
+            f"- Difference {regression['difference']:+.3f}, bootstrap 95% "
+            f"[{regression['bootstrap_95'][0]:+.3f}, {regression['bootstrap_95'][1]:+.3f}],"
+            f" exact McNemar p = {regression['mcnemar_p']:.4f}",
+            f"- Flipped to fail: {', '.join(regression['flipped_to_fail']) or 'none'}",
+            f"- Flipped to pass: {', '.join(regression['flipped_to_pass']) or 'none'}",
+        ]
+    if gate["failures"]:
+        lines += ["", "## Gate failures", ""]
+        lines += [f"- {f['criterion']}: {f['detail']}" for f in gate["failures"]]
+    failed = [c for c in report["cases"] if not c["passed"]]
+    if failed:
+        lines += ["", "## Failed cases", ""]
+        lines += [
+            f"- `{c['id']}`: {'; '.join(c['failures'])} (output: {c['output'][:80]!r})"
+            for c in failed
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def junit_xml(report: dict[str, Any]) -> bytes:
+    root = ElementTree.Element("testsuites", name=f"eval {report['release']}")
+    for name in report["suites"]:
+        cases = [c for c in report["cases"] if c["suite"] == name]
+        suite = ElementTree.SubElement(
+            root,
+            "testsuite",
+            name=name,
+            tests=str(len(cases)),
+            failures=str(sum(not c["passed"] for c in cases)),
+        )
+        for case in cases:
+            element = ElementTree.SubElement(
+                suite,
+                "testcase",
+                classname=name,
+                name=case["id"],
+                time=f"{case['latency_ms'] / 1000:.3f}",
+            )
+            if not case["passed"]:
+                failure = ElementTree.SubElement(
+                    element, "failure", message="; ".join(case["failures"])
+                )
+                failure.text = case["output"]
+    return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _fmt_rate(rate: dict[str, Any]) -> str:
+    low, high = rate["wilson_95"]
+    return f"{rate['passed']}/{rate['n']} = {rate['pass_rate']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _ms(values: dict[str, Any]) -> str:
+    return "/".join("-" if v is None else f"{v:.0f}" for v in values.values()) + " ms"

@@ -1,0 +1,195 @@
+"""Run an eval spec's cases against a model: in-process on the engine (a staged release that
+does not serve yet) or against a running service. Cases run concurrently, as many as the
+service has slots, so an eval is as fast as serving allows."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from appliance.errors import ApplianceError
+from appliance.evals.scorers import SCORERS
+from appliance.evals.spec import Case, EvalSpec
+from appliance.serve.engine import SamplingParams
+from appliance.serve.runtime import ModelRuntime, ServiceOptions, ServingConfig
+from appliance.serve.scheduler import Event, Generation
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    id: str
+    suite: str
+    tags: tuple[str, ...]
+    output: str
+    passed: bool
+    failures: tuple[str, ...]  # "scorer: reason" for each failing scorer
+    latency_ms: float
+    ttft_ms: float | None
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    cases: list[CaseResult]
+    wall_seconds: float
+    cpu_seconds: float
+
+
+def score_case(
+    case: Case, output: str, latency_ms: float, ttft_ms: float | None, tokens: int
+) -> CaseResult:
+    failures = []
+    for name in case.scorers:
+        verdict = SCORERS[name](output, case.expected, latency_ms)
+        if not verdict.passed:
+            failures.append(f"{name}: {verdict.reason}")
+    return CaseResult(
+        case.id,
+        case.suite,
+        case.tags,
+        output,
+        not failures,
+        tuple(failures),
+        latency_ms,
+        ttft_ms,
+        tokens,
+    )
+
+
+def run_in_process(
+    spec: EvalSpec, release_dir: Path, slots: int = 8, progress: Progress | None = None
+) -> RunResult:
+    """Load the release's model here (it need not be active) and run every case."""
+    serving = ServingConfig.from_release_dir(release_dir)
+    runtime = ModelRuntime.load(
+        "eval",
+        None,
+        release_dir / "model.gguf",
+        serving,
+        ServiceOptions(slots=slots, max_queue=len(spec.cases) + 1),
+    )
+    try:
+        return _run_on_runtime(spec, runtime, progress or (lambda _n: None))
+    finally:
+        runtime.close()
+
+
+def _run_on_runtime(spec: EvalSpec, runtime: ModelRuntime, progress: Progress) -> RunResult:
+    results: dict[str, CaseResult] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+    cases = spec.cases
+    process = psutil.Process()
+    cpu_start, wall_start = sum(process.cpu_times()[:2]), time.monotonic()
+
+    def submit(case: Case) -> None:
+        started, parts, first = time.monotonic(), [], [None]
+
+        def listener(event: Event) -> None:
+            if event.text and first[0] is None:
+                first[0] = time.monotonic()
+            parts.append(event.text)
+            if event.finish_reason is None:
+                return
+            now = time.monotonic()
+            ttft = (first[0] - started) * 1000 if first[0] else None
+            result = score_case(
+                case, "".join(parts), (now - started) * 1000, ttft, event.completion_tokens
+            )
+            with lock:
+                results[case.id] = result
+                if len(results) == len(cases):
+                    done.set()
+            progress(1)
+
+        runtime.scheduler.submit(_generation(spec, runtime, case), listener)
+
+    for case in cases:
+        submit(case)
+    done.wait()
+    cpu = sum(process.cpu_times()[:2]) - cpu_start
+    return RunResult([results[c.id] for c in cases], time.monotonic() - wall_start, cpu)
+
+
+def _generation(spec: EvalSpec, runtime: ModelRuntime, case: Case) -> Generation:
+    if case.messages is not None:
+        text = runtime.chat.render(list(case.messages))
+        bos = runtime.engine.special_token_text("bos")
+        tokens = runtime.engine.tokenize(text, add_special=not (bos and text.startswith(bos)))
+    else:
+        tokens = runtime.engine.tokenize(case.prompt or "")
+    room = runtime.engine.context_per_slot - len(tokens)
+    if room < 1:
+        raise ApplianceError(f"eval case {case.id} does not fit the model's context")
+    return Generation(
+        tokens,
+        SamplingParams(temperature=spec.temperature, seed=spec.seed),
+        min(spec.max_tokens, room),
+    )
+
+
+def run_over_http(
+    spec: EvalSpec, url: str, api_key: str, concurrency: int = 8, progress: Progress | None = None
+) -> RunResult:
+    """Run against a running service (its active release), streaming to time first tokens.
+    CPU time is not visible from here: it is taken as wall time on every local core."""
+    progress = progress or (lambda _n: None)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    start = time.monotonic()
+    with httpx.Client(base_url=url, headers=headers, timeout=600) as http:
+
+        def run(case: Case) -> CaseResult:
+            result = _http_case(http, spec, case)
+            progress(1)
+            return result
+
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(run, spec.cases))
+    wall = time.monotonic() - start
+    return RunResult(results, wall, wall * (os.cpu_count() or 1))
+
+
+def _http_case(http: httpx.Client, spec: EvalSpec, case: Case) -> CaseResult:
+    body: dict = {
+        "max_tokens": spec.max_tokens,
+        "temperature": spec.temperature,
+        "seed": spec.seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if case.messages is not None:
+        path = "/v1/chat/completions"
+        body["messages"] = [{"role": r, "content": c} for r, c in case.messages]
+    else:
+        path, body["prompt"] = "/v1/completions", case.prompt or ""
+    started, first, parts, tokens = time.monotonic(), None, [], 0
+    with http.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            raise ApplianceError(
+                f"eval case {case.id}: the service answered {response.status_code}"
+            )
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                if text and first is None:
+                    first = time.monotonic()
+                parts.append(text)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    latency = (time.monotonic() - started) * 1000
+    ttft = (first - started) * 1000 if first else None
+    return score_case(case, "".join(parts), latency, ttft, tokens)

@@ -1,0 +1,106 @@
+"""The frozen eval spec of a release: eval/spec.toml and its JSONL golden sets.
+
+It travels inside the signed bundle, so it is read only from a verified release
+directory. Its hash (appliance.store.gate.spec_hash) covers every eval file and the GGUF.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import UsageError
+from appliance.evals.scorers import SCORERS
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    suite: str
+    prompt: str | None
+    messages: tuple[tuple[str, str], ...] | None
+    expected: dict[str, Any]
+    scorers: tuple[str, ...]
+    tags: tuple[str, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    min_pass_rate: float
+    cases: tuple[Case, ...]
+
+
+@dataclass(frozen=True)
+class Gates:
+    max_defect_rate: dict[str, float] = field(default_factory=dict)
+    max_p95_latency_ms: float | None = None
+    max_cost_per_success: float | None = None
+    cost_per_cpu_hour: float = 0.0
+    non_inferiority_margin: float = 0.05
+    alpha: float = 0.05
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    name: str
+    temperature: float
+    seed: int
+    max_tokens: int
+    suites: tuple[Suite, ...]
+    gates: Gates
+
+    @property
+    def cases(self) -> list[Case]:
+        return [case for suite in self.suites for case in suite.cases]
+
+
+def load_spec(release_dir: Path) -> EvalSpec:
+    path = release_dir / "eval" / "spec.toml"
+    try:
+        raw = tomllib.loads(path.read_text())
+        sampling, gates = raw.get("sampling", {}), raw.get("gates", {})
+        suites = tuple(_suite(release_dir / "eval", s) for s in raw["suites"])
+        spec = EvalSpec(
+            name=str(raw["spec"]["name"]),
+            temperature=float(sampling.get("temperature", 0.0)),
+            seed=int(sampling.get("seed", 0)),
+            max_tokens=int(sampling.get("max_tokens", 64)),
+            suites=suites,
+            gates=Gates(**gates),
+        )
+    except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"the eval spec in {release_dir} is invalid: {exc}") from exc
+    ids = [case.id for case in spec.cases]
+    if len(ids) != len(set(ids)):
+        raise UsageError("the eval spec has duplicate case ids")
+    return spec
+
+
+def _suite(eval_dir: Path, raw: dict[str, Any]) -> Suite:
+    name = str(raw["name"])
+    lines = (eval_dir / raw["file"]).read_text().splitlines()
+    cases = tuple(_case(name, json.loads(line)) for line in lines if line.strip())
+    return Suite(name, float(raw.get("min_pass_rate", 0.0)), cases)
+
+
+def _case(suite: str, raw: dict[str, Any]) -> Case:
+    unknown = [s for s in raw["scorers"] if s not in SCORERS]
+    if unknown:
+        raise ValueError(f"case {raw['id']}: unknown scorers {unknown}")
+    source = raw["input"]
+    messages = source.get("messages")
+    return Case(
+        id=str(raw["id"]),
+        suite=suite,
+        prompt=source.get("prompt"),
+        messages=tuple((m["role"], m["content"]) for m in messages) if messages else None,
+        expected=dict(raw.get("expected", {})),
+        scorers=tuple(raw["scorers"]),
+        tags=tuple(raw.get("tags", [])),
+        weight=float(raw.get("weight", 1.0)),
+    )
