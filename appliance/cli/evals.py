@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from appliance.cli.common import emit_json, json_option, progress_bar, want_json_errors
-from appliance.evals.evaluate import evaluate_release, judge_gate
+from appliance.evals.evaluate import evaluate_release, judge_gate, planned_cases
 from appliance.paths import appliance_paths
 from appliance.store.releases import ReleaseStore
 
@@ -56,14 +56,10 @@ def run(
     """
     want_json_errors(ctx, as_json)
     store = ReleaseStore(appliance_paths())
-    db = store.open_db()
-    cases = len(load_spec(Path(store.release(db, ref).path)).cases)
-    db.close()
-    total = cases * (1 if baseline == "none" else 2)
+    baseline_ref = None if baseline == "none" else baseline
+    total = planned_cases(store, ref, baseline_ref)
     with progress_bar(total, "evaluating", enabled=not as_json) as update:
-        evaluation = evaluate_release(
-            store, ref, None if baseline == "none" else baseline, url, api_key, concurrency, update
-        )
+        evaluation = evaluate_release(store, ref, baseline_ref, url, api_key, concurrency, update)
     report = evaluation.report
     if as_json:
         emit_json(
