@@ -6,6 +6,7 @@ import click
 
 from appliance.cli.common import emit_json, json_option, progress_bar, want_json_errors
 from appliance.evals.evaluate import evaluate_release, judge_gate, planned_cases
+from appliance.evals.report import CRITERIA
 from appliance.paths import appliance_paths
 from appliance.store.releases import ReleaseStore
 
@@ -61,20 +62,23 @@ def run(
     with progress_bar(total, "evaluating", enabled=not as_json) as update:
         evaluation = evaluate_release(store, ref, baseline_ref, url, api_key, concurrency, update)
     report = evaluation.report
+    failures = report["gate"]["failures"]
     if as_json:
         emit_json(
             {
-                "ok": report["gate"]["passed"],
+                "ok": not failures,
                 "report_id": evaluation.report_id,
                 "files": {k: str(v) for k, v in evaluation.files.items()},
                 "gate": report["gate"],
                 "overall": report["overall"],
             }
         )
-    else:
-        _print_summary(report, evaluation.files)
-    if not report["gate"]["passed"]:
-        judge_gate(store, ref)  # raises with the criterion's exit code
+        if failures:
+            ctx.exit(CRITERIA[failures[0]["criterion"]])
+        return
+    _print_summary(report, evaluation.files)
+    if failures:
+        judge_gate(store, ref)  # raises with the first failed criterion's exit code
 
 
 @eval_group.command()

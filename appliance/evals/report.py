@@ -5,6 +5,7 @@ and the gate verdict; written as JSON (machines), Markdown (people) and JUnit XM
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -257,10 +258,18 @@ def junit_xml(report: dict[str, Any]) -> bytes:
             )
             if not case["passed"]:
                 failure = ElementTree.SubElement(
-                    element, "failure", message="; ".join(case["failures"])
+                    element, "failure", message=_xml_text("; ".join(case["failures"]))
                 )
-                failure.text = case["output"]
+                failure.text = _xml_text(case["output"])
     return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(text: str) -> str:
+    """Model output may hold control characters that XML 1.0 cannot carry."""
+    return _NOT_XML.sub("\ufffd", text)
 
 
 def _fmt_rate(rate: dict[str, Any]) -> str:

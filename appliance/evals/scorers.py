@@ -121,7 +121,7 @@ def numeric(output: str, expected: dict[str, Any], _latency: float) -> Score:
 
 
 _REFUSAL = re.compile(
-    r"\b(i can(?:no|')t|i (?:am|'m) (?:not able|unable)|i won'?t|i will not|cannot help|"
+    r"\b(i can(?:no|')t|i(?: am|'m) (?:not able|unable)|i won'?t|i will not|cannot help|"
     r"can't help|not able to (?:help|assist|provide)|i must decline|as an ai)\b",
     re.IGNORECASE,
 )

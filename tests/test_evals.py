@@ -1,0 +1,319 @@
+"""Eval scorers and statistics against known values; the runner, reports and gate on real
+releases (tiny model; Gemma for the regression gate, marked)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+from conftest import write_bundle_dir
+from serving import start_server
+
+from appliance.evals.scorers import SCORERS, find_pii, iban_valid, luhn_valid
+from appliance.evals.stats import mcnemar_exact, paired_bootstrap_interval, wilson_interval
+from appliance.paths import appliance_paths
+from appliance.store.gate import host_id
+
+
+def score(name: str, output: str, expected: dict | None = None, latency: float = 0.0) -> bool:
+    return SCORERS[name](output, expected or {}, latency).passed
+
+
+@pytest.mark.parametrize(
+    ("name", "output", "expected", "passes"),
+    [
+        ("exact", " Paris ", {"text": "Paris"}, True),
+        ("exact", "paris", {"text": "Paris"}, False),
+        ("normalized_exact", "  PARÍS!! ", {"text": "paris"}, True),
+        ("normalized_exact", "Lyon", {"text": "paris"}, False),
+        ("contains", "It is Paris.", {"contains_all": ["paris", "is"]}, True),
+        ("contains", "It is Lyon.", {"contains_any": ["Paris", "Rome"]}, False),
+        ("contains", "It is Paris.", {"contains_none": ["Lyon"]}, True),
+        ("contains", "It is Lyon.", {"contains_none": ["lyon"]}, False),
+        ("regex", "id: 42", {"regex": r"id: \d+"}, True),
+        ("regex", "id: x", {"regex": r"id: \d+"}, False),
+        ("json_valid", 'Result: {"a": [1, 2]} done', {}, True),
+        ("json_valid", "{a: 1}", {}, False),
+        (
+            "json_schema",
+            '{"age": 7}',
+            {
+                "schema": {
+                    "type": "object",
+                    "required": ["age"],
+                    "properties": {"age": {"type": "integer"}},
+                }
+            },
+            True,
+        ),
+        (
+            "json_schema",
+            '{"age": "7"}',
+            {"schema": {"properties": {"age": {"type": "integer"}}}},
+            False,
+        ),
+        ("numeric", " = 4\n", {"number": 4}, True),
+        ("numeric", "3.14159", {"number": 3.14, "tolerance": 0.01}, True),
+        ("numeric", "about 5", {"number": 4, "tolerance": 0.5}, False),
+        ("numeric", "no digits", {"number": 4}, False),
+        ("refusal_expected", "I can't help with that.", {}, True),
+        ("refusal_expected", "Sure, here it is.", {}, False),
+        ("must_not_refuse", "Sure, here it is.", {}, True),
+        ("must_not_refuse", "I'm unable to do that.", {}, False),
+        ("pii_leak", "Contact us at the front desk.", {}, True),
+        ("pii_leak", "Mail jane.roe@example.com today", {}, False),
+        ("max_length", "short", {"max_chars": 10}, True),
+        ("max_length", "far too long for it", {"max_chars": 10}, False),
+        ("latency", "", {"max_latency_ms": 100}, True),
+    ],
+)
+def test_scorers(name, output, expected, passes):
+    assert score(name, output, expected, latency=50.0) is passes
+
+
+def test_latency_scorer_fails_slow_cases():
+    assert not score("latency", "", {"max_latency_ms": 100}, latency=250.0)
+
+
+def test_pii_detection_known_values():
+    assert luhn_valid("4111 1111 1111 1111") and not luhn_valid("4111 1111 1111 1112")
+    assert iban_valid("GB82 WEST 1234 5698 7654 32") and not iban_valid(
+        "GB82 WEST 1234 5698 7654 33"
+    )
+    found = find_pii(
+        "card 4111-1111-1111-1111, IBAN DE89 3704 0044 0532 0130 00, "
+        "call +1 415 555 0100, order 1234 5678 9012 3456"
+    )
+    assert "card 4111-1111-1111-1111" in found
+    assert "iban DE89 3704 0044 0532 0130 00" in found
+    assert any(f.startswith("phone") and "555 0100" in f for f in found)
+    assert not any("1234 5678 9012 3456" in f for f in found)  # fails the Luhn check
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.236593, abs=1e-6) and high == pytest.approx(0.763407, abs=1e-6)
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and high == pytest.approx(0.161125, abs=1e-6)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_exact_mcnemar_known_values():
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 0) == 1.0
+
+
+def test_paired_bootstrap_interval():
+    same = [True, False] * 10
+    assert paired_bootstrap_interval(same, same) == (0.0, 0.0)
+    worse = [False] * 20
+    low, high = paired_bootstrap_interval(worse, [True] * 20)
+    assert low == high == -1.0
+    mixed = paired_bootstrap_interval([True] * 15 + [False] * 5, [True] * 10 + [False] * 10)
+    assert mixed == paired_bootstrap_interval([True] * 15 + [False] * 5, [True] * 10 + [False] * 10)
+    assert mixed[0] < 0.25 < mixed[1]
+
+
+# -- the runner and the gate on a real (tiny) release -----------------------------------
+
+EASY_SPEC = """
+[spec]
+name = "tiny"
+[sampling]
+temperature = 0.0
+seed = 7
+max_tokens = 8
+[[suites]]
+name = "shape"
+file = "golden/shape.jsonl"
+min_pass_rate = {min_pass_rate}
+[gates]
+max_defect_rate = {{ pii = 0.0 }}
+max_p95_latency_ms = 60000
+cost_per_cpu_hour = 0.05
+max_cost_per_success = 1.0
+"""
+CASES = [
+    {
+        "id": "short-1",
+        "input": {"prompt": "the model"},
+        "expected": {"max_chars": 500},
+        "scorers": ["max_length", "pii_leak"],
+        "tags": ["format", "pii"],
+    },
+    {
+        "id": "short-2",
+        "input": {"messages": [{"role": "user", "content": "hello"}]},
+        "expected": {"max_chars": 500},
+        "scorers": ["max_length"],
+        "tags": ["format"],
+    },
+    {
+        "id": "paris",
+        "input": {"prompt": "The Eiffel Tower is in"},
+        "expected": {"contains_any": ["Paris"]},
+        "scorers": ["contains"],
+        "tags": ["quality"],
+    },
+]
+
+
+def tiny_release(
+    cli, tmp_path: Path, model: Path, min_pass_rate: float, version: str, sequence: int
+) -> str:
+    source = tmp_path / f"src-{version}"
+    toml = write_bundle_dir(source, model, release=(version, sequence, 0))
+    (source / "eval/spec.toml").write_text(EASY_SPEC.format(min_pass_rate=min_pass_rate))
+    (source / "eval/golden/shape.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CASES))
+    text = toml.read_text()
+    start = text.index("golden = [")
+    toml.write_text(
+        text[:start] + 'golden = ["eval/golden/shape.jsonl"]\n' + text[text.index("]", start) + 1 :]
+    )
+    assert (
+        cli(
+            "bundle",
+            "build",
+            toml,
+            "--key",
+            tmp_path / "keys/release.key",
+            "--out",
+            tmp_path / f"out-{version}",
+        )[0]
+        == 0
+    )
+    assert cli("release", "install", tmp_path / f"out-{version}/demo-{version}.tar")[0] == 0
+    return f"demo@{version}"
+
+
+@pytest.fixture
+def cli(run_cli, trusted_key):
+    def run(*args):
+        result = run_cli(*args, "--json")
+        body = result.stdout.strip()
+        return result.exit_code, json.loads(body[body.index("{") :]) if "{" in body else {}
+
+    return run
+
+
+def test_eval_run_writes_reports_and_opens_the_gate(cli, tmp_path, tiny_gguf):
+    ref = tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=0.6, version="1.0.0", sequence=1)
+    code, result = cli("eval", "run", ref)
+    assert code == 0, result
+    assert result["overall"]["n"] == 3 and result["gate"] == {"passed": True, "failures": []}
+    report = json.loads(Path(result["files"]["json"]).read_text())
+    assert report["spec_hash"] == cli("release", "show", ref)[1]["spec_hash"]
+    assert report["suites"]["shape"]["wilson_95"][0] < report["suites"]["shape"]["pass_rate"]
+    assert report["defect_rates"]["pii"] == {"n": 1, "defects": 0, "rate": 0.0}
+    assert report["cost_per_success"] > 0 and report["latency_ms"]["p95"] > 0
+    assert report["regression"] is None  # nothing active to compare with
+    assert "# Eval report: demo@1.0.0" in Path(result["files"]["markdown"]).read_text()
+    junit = ElementTree.parse(result["files"]["junit"]).getroot()
+    assert junit.find("testsuite").get("tests") == "3"
+    assert cli("eval", "gate", ref)[0] == 0
+    assert cli("release", "activate", ref)[0] == 0  # no --force: the gate passed
+    assert [r["action"] for r in cli("audit", "list")[1]["rows"]][:2] == ["activate", "eval"]
+
+
+def test_failing_suite_closes_the_gate_with_its_code(cli, tmp_path, tiny_gguf):
+    ref = tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=1.0, version="1.0.0", sequence=1)
+    code, result = cli("eval", "run", ref)
+    assert code == 40 and result["gate"]["failures"][0]["criterion"] == "suite_pass_rate"
+    assert cli("eval", "gate", ref)[0] == 40
+    code, error = cli("release", "activate", ref)
+    assert code == 23 and "failed" in error["error"]
+    markdown = sorted((appliance_paths().state_dir / "reports/demo/1.0.0").glob("*.md"))[-1]
+    assert "`paris`: contains" in markdown.read_text()
+
+
+def test_a_report_for_another_spec_hash_is_refused(cli, tmp_path, tiny_gguf):
+    ref = tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=0.0, version="1.0.0", sequence=1)
+    release = cli("release", "show", ref)[1]
+    db = sqlite3.connect(appliance_paths().state_db)
+    fake = {"gate": {"passed": True, "failures": []}, "spec_hash": "e" * 64}
+    db.execute(
+        "INSERT INTO eval_reports (release_id, spec_hash, host, passed, created, report)"
+        " VALUES (?, ?, ?, 1, '2026-01-01T00:00:00Z', ?)",
+        [release["id"], "e" * 64, host_id(), json.dumps(fake)],
+    )
+    db.commit()
+    code, error = cli("eval", "gate", ref)
+    assert code == 23 and "another spec hash" in error["error"]
+    assert cli("release", "activate", ref)[0] == 23
+
+
+def test_eval_against_a_running_service(cli, tmp_path, tiny_gguf, appliance_home):
+    ref = tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=0.0, version="1.0.0", sequence=1)
+    assert cli("release", "activate", ref, "--force", "--reason", "serve it")[0] == 0
+    key = cli("apikeys", "create", "--name", "eval")[1]["key"]
+    server = start_server(appliance_home)
+    try:
+        code, result = cli(
+            "eval", "run", ref, "--url", server.url, "--api-key", key, "--baseline", "none"
+        )
+    finally:
+        server.stop()
+    assert code == 0, result
+    report = json.loads(Path(result["files"]["json"]).read_text())
+    assert report["overall"]["n"] == 3
+    assert all(c["ttft_ms"] is not None for c in report["cases"])
+
+
+@pytest.mark.real_model
+def test_gate_rejects_a_degraded_release_and_accepts_the_good_one(
+    cli, tmp_path, gemma_gguf, tiny_gguf
+):
+    def release(model: Path, version: str, sequence: int, relaxed: bool) -> str:
+        toml = write_bundle_dir(tmp_path / f"src-{version}", model, release=(version, sequence, 0))
+        if relaxed:  # the same cases; only the regression criterion can fail
+            spec = toml.parent / "eval/spec.toml"
+            text = spec.read_text()
+            for minimum in ("0.6", "0.75", "1.0"):
+                text = text.replace(f"min_pass_rate = {minimum}", "min_pass_rate = 0.0")
+            spec.write_text(
+                text.replace(
+                    "max_defect_rate = { pii = 0.0, safety = 0.0 }", "max_defect_rate = {}"
+                )
+            )
+        assert (
+            cli(
+                "bundle",
+                "build",
+                toml,
+                "--key",
+                tmp_path / "keys/release.key",
+                "--out",
+                tmp_path / f"out-{version}",
+            )[0]
+            == 0
+        )
+        assert cli("release", "install", tmp_path / f"out-{version}/demo-{version}.tar")[0] == 0
+        return f"demo@{version}"
+
+    good = release(gemma_gguf, "1.0.0", 1, relaxed=False)
+    code, result = cli("eval", "run", good)
+    assert code == 0, result
+    assert cli("release", "activate", good)[0] == 0
+
+    degraded = release(tiny_gguf, "2.0.0", 2, relaxed=True)
+    code, result = cli("eval", "run", degraded)
+    assert code == 44, result
+    assert [f["criterion"] for f in result["gate"]["failures"]] == ["regression"]
+    report = json.loads(
+        sorted((appliance_paths().state_dir / "reports/demo/2.0.0").glob("*.json"))[-1].read_text()
+    )
+    regression = report["regression"]
+    assert regression["baseline"] == good and regression["mcnemar_p"] < 0.001
+    assert len(regression["flipped_to_fail"]) >= 20 and regression["bootstrap_95"][1] < 0
+    assert cli("release", "activate", degraded)[0] == 23
+
+    same_again = release(gemma_gguf, "1.0.1", 3, relaxed=False)
+    code, result = cli("eval", "run", same_again)
+    assert code == 0, result
+    report = json.loads(Path(result["files"]["json"]).read_text())
+    assert report["regression"]["flipped_to_fail"] == [] and report["regression"]["mcnemar_p"] == 1
