@@ -206,12 +206,15 @@ def test_eval_run_writes_reports_and_opens_the_gate(cli, tmp_path, tiny_gguf):
     code, result = cli("eval", "run", ref)
     assert code == 0, result
     assert result["overall"]["n"] == 3 and result["gate"] == {"passed": True, "failures": []}
+    weights = {"short-1": 1, "short-2": 1, "paris": 3}
     report = json.loads(Path(result["files"]["json"]).read_text())
     assert report["spec_hash"] == cli("release", "show", ref)[1]["spec_hash"]
     assert report["suites"]["shape"]["wilson_95"][0] < report["suites"]["shape"]["pass_rate"]
     assert report["defect_rates"]["pii"] == {"n": 1, "defects": 0, "rate": 0.0}
     assert report["cost_per_success"] > 0 and report["latency_ms"]["p95"] > 0
     assert report["regression"] is None  # nothing active to compare with
+    passed_weight = sum(weights[c["id"]] for c in report["cases"] if c["passed"])
+    assert report["overall"]["weighted_pass_rate"] == pytest.approx(passed_weight / 5)
     assert "# Eval report: demo@1.0.0" in Path(result["files"]["markdown"]).read_text()
     junit = ElementTree.parse(result["files"]["junit"]).getroot()
     assert junit.find("testsuite").get("tests") == "3"

@@ -51,7 +51,7 @@ def build_report(
         "spec_hash": spec_hash,
         "host": host,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "overall": _rate(successes, len(cases)),
+        "overall": {**_rate(successes, len(cases)), "weighted_pass_rate": _weighted(spec, cases)},
         "suites": {
             s.name: {
                 **_rate(
@@ -93,6 +93,13 @@ def _rate(passed: int, n: int) -> dict[str, Any]:
         "pass_rate": passed / n if n else 0.0,
         "wilson_95": [low, high],
     }
+
+
+def _weighted(spec: EvalSpec, cases: list[CaseResult]) -> float:
+    """Pass rate with each case counted by its `weight` (1 unless the case says otherwise)."""
+    weights = {case.id: case.weight for case in spec.cases}
+    total = sum(weights[c.id] for c in cases)
+    return sum(weights[c.id] for c in cases if c.passed) / total if total else 0.0
 
 
 def _defect_rates(cases: list[CaseResult]) -> dict[str, dict[str, Any]]:
