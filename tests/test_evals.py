@@ -156,6 +156,7 @@ CASES = [
     {
         "id": "paris",
         "input": {"prompt": "The Eiffel Tower is in"},
+        "weight": 3,
         "expected": {"contains_any": ["Paris"]},
         "scorers": ["contains"],
         "tags": ["quality"],
