@@ -9,6 +9,7 @@ from appliance.cli.apikeys import apikeys
 from appliance.cli.audit import audit
 from appliance.cli.bundle import bundle
 from appliance.cli.common import ApplianceGroup
+from appliance.cli.console import console
 from appliance.cli.demo import demo
 from appliance.cli.evals import eval_group
 from appliance.cli.installer import installer
@@ -35,6 +36,7 @@ cli.add_command(audit)
 cli.add_command(installer)
 cli.add_command(serve)
 cli.add_command(apikeys)
+cli.add_command(console)
 cli.add_command(demo)
 
 

@@ -1,0 +1,1 @@
+"""The admin console (Textual). The only package that imports textual."""

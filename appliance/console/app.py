@@ -1,0 +1,340 @@
+"""The admin console: what serves, how fast, how well; roll back or freeze in a keystroke.
+
+Data comes from `state.load_snapshot` in a thread worker every two seconds (the UI thread
+never touches SQLite); actions go through `state.ConsoleActions`, behind a confirmation
+dialog that says what will change and asks for a reason, and end in a notification.
+Errors (a locked database, the service down, a frozen store) are notifications.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Input,
+    Label,
+    Sparkline,
+    Static,
+    TabbedContent,
+    TabPane,
+)
+
+from appliance.console.state import ConsoleActions, Snapshot
+from appliance.errors import ApplianceError
+
+REFRESH_SECONDS = 2.0
+
+
+class ConfirmAction(ModalScreen[str | None]):
+    """Shows what will change; returns the reason typed, or None when cancelled."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str, change: str, reason_required: bool) -> None:
+        super().__init__()
+        self.title_text, self.change, self.reason_required = title, change, reason_required
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.title_text, id="dialog-title")
+            yield Static(self.change, id="dialog-change")
+            yield Input(placeholder="reason (recorded in the audit log)", id="reason")
+            with Horizontal(id="dialog-buttons"):
+                yield Button("Confirm", variant="error", id="confirm")
+                yield Button("Cancel", id="cancel")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "confirm":
+            self._confirm()
+        else:
+            self.dismiss(None)
+
+    def on_input_submitted(self, _event: Input.Submitted) -> None:
+        self._confirm()
+
+    def _confirm(self) -> None:
+        reason = self.query_one("#reason", Input).value.strip()
+        if self.reason_required and not reason:
+            self.notify("a reason is required", severity="warning")
+            return
+        self.dismiss(reason)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ConsoleApp(App[None]):
+    TITLE = "Custom SLM Appliance"
+    CSS = """
+    #dialog { width: 64; height: auto; padding: 1 2; border: thick $error; background: $surface; }
+    #dialog-title { text-style: bold; }
+    #dialog-buttons { height: auto; margin-top: 1; }
+    #dialog-buttons Button { margin-right: 2; }
+    ConfirmAction { align: center middle; }
+    .banner { background: $error; color: $text; text-style: bold; }
+    Sparkline { height: 2; margin-bottom: 1; }
+    .caption { color: $text-muted; }
+    DataTable { height: 1fr; }
+    """
+    BINDINGS = [
+        # Screen keys are shown in the tab titles, so the footer fits 80 columns.
+        Binding("d", "show('dashboard')", "Dashboard", show=False),
+        Binding("l", "show('releases')", "Releases", show=False),
+        Binding("e", "show('evals')", "Evals", show=False),
+        Binding("g", "show('audit')", "Audit", show=False),
+        Binding("k", "show('keys')", "Keys", show=False),
+        Binding("a", "activate", "Activate"),
+        Binding("r", "rollback", "Roll back"),
+        Binding("f", "freeze", "Freeze"),
+        Binding("u", "unfreeze", "Unfreeze"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        load: Callable[[], Snapshot],
+        actions: ConsoleActions | None,
+        refresh_seconds: float = REFRESH_SECONDS,
+    ) -> None:
+        super().__init__()
+        self._load, self._actions, self._refresh_seconds = load, actions, refresh_seconds
+        self.snapshot: Snapshot | None = None
+
+    def compose(self) -> ComposeResult:
+        with TabbedContent(initial="dashboard"):
+            with TabPane("Dashboard (d)", id="dashboard"):
+                yield Static("loading...", id="summary")
+                yield Label("requests per 10 s (last 5 min)", classes="caption")
+                yield Sparkline([], id="requests-spark")
+                yield Label("p95 latency per 10 s", classes="caption")
+                yield Sparkline([], id="p95-spark")
+                yield Label("completion tokens/s", classes="caption")
+                yield Sparkline([], id="tokens-spark")
+            with TabPane("Releases (l)", id="releases"):
+                yield Static("", id="frozen-banner")
+                yield DataTable(id="releases-table", cursor_type="row")
+            with TabPane("Evals (e)", id="evals"):
+                yield Static("", id="evals-text")
+            with TabPane("Audit (g)", id="audit"):
+                yield Static("", id="audit-status")
+                yield DataTable(id="audit-table", cursor_type="row")
+            with TabPane("Keys (k)", id="keys"):
+                yield Static("", id="keys-status")
+                yield DataTable(id="keys-table", cursor_type="row")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#releases-table", DataTable).add_columns(
+            "release", "seq", "state", "eval", "signers", "installed"
+        )
+        self.query_one("#audit-table", DataTable).add_columns(
+            "#", "time (UTC)", "user", "action", "target", "reason"
+        )
+        self.query_one("#keys-table", DataTable).add_columns("key id", "name", "status", "signed")
+        self.refresh_data()
+        self.set_interval(self._refresh_seconds, self.refresh_data)
+
+    # -- data ------------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="refresh")
+    def refresh_data(self) -> None:
+        try:
+            snapshot = self._load()
+        except Exception as exc:  # a locked or missing database: say so, keep going
+            self.call_from_thread(self.notify, f"refresh failed: {exc}", severity="error")
+            return
+        self.call_from_thread(self.show_snapshot, snapshot)
+
+    def show_snapshot(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        self._show_dashboard(snap)
+        self._show_releases(snap)
+        self._show_evals(snap)
+        self._show_audit(snap)
+        self._show_keys(snap)
+
+    def _show_dashboard(self, snap: Snapshot) -> None:
+        w, service = snap.window, snap.service
+        served = (
+            (
+                f"up, serving {service.release}, queue {service.queue_depth:.0f}, "
+                f"busy slots {service.busy_slots:.0f}"
+            )
+            if service.reachable
+            else "not reachable"
+        )
+        frozen = f"FROZEN: {snap.frozen_reason}" if snap.frozen else "not frozen"
+        self.query_one("#summary", Static).update(
+            f"[b]Active[/b] {snap.active or '-'}   ({frozen})\n"
+            f"[b]Service[/b] {served}\n"
+            f"[b]Last 5 min[/b] {w.requests_per_second:.2f} req/s, "
+            f"{w.completion_tokens_per_second:.1f} tok/s, errors {w.error_rate:.1%}\n"
+            f"[b]Latency[/b] p50 {_s(w.latency_p50)}  p95 {_s(w.latency_p95)}  "
+            f"TTFT p50 {_s(w.ttft_p50)}  p95 {_s(w.ttft_p95)}\n"
+            f"[b]Host[/b] CPU {snap.cpu_percent:.0f}%  memory {snap.memory_percent:.0f}%"
+        )
+        self.query_one("#requests-spark", Sparkline).data = list(snap.requests_series)
+        self.query_one("#p95-spark", Sparkline).data = list(snap.p95_series)
+        self.query_one("#tokens-spark", Sparkline).data = list(snap.tokens_series)
+
+    def _show_releases(self, snap: Snapshot) -> None:
+        banner = self.query_one("#frozen-banner", Static)
+        banner.update(f"FROZEN: {snap.frozen_reason} (u unfreezes)" if snap.frozen else "")
+        banner.set_class(snap.frozen, "banner")
+        table = self.query_one("#releases-table", DataTable)
+        row = table.cursor_row
+        table.clear()
+        for r in snap.releases:
+            table.add_row(
+                r.ref,
+                str(r.sequence),
+                r.state,
+                r.verdict,
+                ", ".join(k[:8] for k in r.signers),
+                r.installed_at,
+                key=r.ref,
+            )
+        if snap.releases:
+            table.move_cursor(row=min(row, len(snap.releases) - 1))
+
+    def _show_evals(self, snap: Snapshot) -> None:
+        lines = []
+        for report in snap.reports:
+            verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
+            overall, lat = report["overall"], report["latency_ms"]
+            lines.append(
+                f"[b]{report['release']}[/b] gate {verdict}  {overall['passed']}/"
+                f"{overall['n']}  p95 {_ms(lat['p95'])}  cost/success "
+                f"{_num(report['cost_per_success'])}  spec {report['spec_hash'][:12]}"
+            )
+            for name, suite in report["suites"].items():
+                low, high = suite["wilson_95"]
+                lines.append(f"  {name:<12} {suite['pass_rate']:.2f} [{low:.2f}, {high:.2f}]")
+            regression = report.get("regression")
+            if regression:
+                lines.append(
+                    f"  vs {regression['baseline']}: {regression['difference']:+.2f}, "
+                    f"McNemar p {regression['mcnemar_p']:.3f}; flipped to fail: "
+                    f"{', '.join(regression['flipped_to_fail'][:6]) or 'none'}"
+                )
+            for failure in report["gate"]["failures"]:
+                lines.append(f"  [red]FAIL {failure['criterion']}[/red]: {failure['detail']}")
+        self.query_one("#evals-text", Static).update("\n".join(lines) or "no eval reports yet")
+
+    def _show_audit(self, snap: Snapshot) -> None:
+        status = (
+            f"hash chain intact ({len(snap.audit_rows)} rows shown, newest first)"
+            if snap.audit_ok
+            else f"[red]HASH CHAIN BROKEN at {snap.audit_problem}[/red]"
+        )
+        self.query_one("#audit-status", Static).update(status)
+        table = self.query_one("#audit-table", DataTable)
+        table.clear()
+        for row in snap.audit_rows:
+            table.add_row(
+                str(row["id"]),
+                row["time"][5:19].replace("T", " "),
+                row["user"],
+                row["action"],
+                row["target"][:24],
+                row["reason"] or "",
+            )
+
+    def _show_keys(self, snap: Snapshot) -> None:
+        self.query_one("#keys-status", Static).update(
+            f"threshold: {snap.threshold} distinct trusted key(s) per bundle"
+        )
+        table = self.query_one("#keys-table", DataTable)
+        table.clear()
+        for key in snap.keys:
+            status = f"revoked {key['revoked'][:10]}" if key["revoked"] else "trusted"
+            table.add_row(key["key_id"][:16], key["name"], status, ", ".join(key["signed"]) or "-")
+
+    # -- navigation and actions --------------------------------------------------------
+
+    def action_show(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+    def action_activate(self) -> None:
+        table = self.query_one("#releases-table", DataTable)
+        if self.snapshot is None or not self.snapshot.releases:
+            self.notify("no release to activate", severity="warning")
+            return
+        self.action_show("releases")
+        ref = self.snapshot.releases[table.cursor_row].ref
+        change = f"The active release changes from {self.snapshot.active or '-'} to {ref}."
+        self._confirm(
+            "Activate release", change, True, lambda why: self._actions.activate(ref, why)
+        )
+
+    def action_rollback(self) -> None:
+        previous = (
+            next((r.ref for r in self.snapshot.releases if r.state == "previous-good"), None)
+            if self.snapshot
+            else None
+        )
+        change = (
+            f"The active release changes from {self.snapshot.active} back to {previous}."
+            if previous
+            else "There is no previous good release; this will fail."
+        )
+        self._confirm("Roll back", change, False, lambda why: self._actions.rollback(why))
+
+    def action_freeze(self) -> None:
+        self._confirm(
+            "Freeze releases",
+            "Nothing will activate until unfrozen; rollback still works.",
+            True,
+            lambda why: self._actions.freeze(why),
+        )
+
+    def action_unfreeze(self) -> None:
+        self._confirm(
+            "Unfreeze releases",
+            "Activations will be allowed again.",
+            False,
+            lambda why: self._actions.unfreeze(why),
+        )
+
+    def _confirm(
+        self, title: str, change: str, reason_required: bool, act: Callable[[str], str]
+    ) -> None:
+        if self._actions is None:
+            self.notify("this console is read-only", severity="warning")
+            return
+
+        def done(reason: str | None) -> None:
+            if reason is not None:
+                self._run_action(act, reason)
+
+        self.push_screen(ConfirmAction(title, change, reason_required), done)
+
+    @work(thread=True, group="actions")
+    def _run_action(self, act: Callable[[str], str], reason: str) -> None:
+        try:
+            message = act(reason)
+        except ApplianceError as exc:
+            self.call_from_thread(self.notify, exc.message, title="refused", severity="error")
+            return
+        self.call_from_thread(self.notify, message, title="done")
+        self.call_from_thread(self.refresh_data)
+
+
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}s"
+
+
+def _ms(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.0f} ms"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2g}"

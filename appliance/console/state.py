@@ -1,0 +1,224 @@
+"""What the console shows and does, as plain objects over the store and telemetry.
+
+No textual here: `load_snapshot` reads everything in one go (run it in a worker, off the
+UI thread), and `ConsoleActions` changes state through the same ReleaseStore functions
+the CLI uses, so the console adds no second copy of any rule.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import psutil
+
+from appliance.paths import AppliancePaths
+from appliance.store import audit
+from appliance.store.db import open_state_db
+from appliance.store.gate import host_id
+from appliance.store.releases import Release, ReleaseStore
+from appliance.telemetry.queries import WindowStats, window_stats
+from appliance.trust.truststore import load_trust_store
+
+SPARK_BUCKETS = 30
+SPARK_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class ReleaseRow:
+    ref: str
+    sequence: int
+    state: str  # active, previous-good, installed
+    verdict: str  # passed, failed, none
+    signers: tuple[str, ...]
+    installed_at: str
+    quant_type: str
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    reachable: bool
+    release: str = ""
+    queue_depth: float = 0.0
+    busy_slots: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: float
+    active: str | None
+    frozen: bool
+    frozen_reason: str | None
+    releases: tuple[ReleaseRow, ...]
+    window: WindowStats
+    requests_series: tuple[float, ...]  # requests per bucket, oldest first
+    p95_series: tuple[float, ...]  # p95 latency (s) per bucket
+    tokens_series: tuple[float, ...]  # completion tokens/s per bucket
+    service: ServiceStatus
+    cpu_percent: float
+    memory_percent: float
+    reports: tuple[dict[str, Any], ...]  # latest eval report per release, newest first
+    audit_rows: tuple[dict[str, Any], ...]
+    audit_ok: bool
+    audit_problem: str
+    keys: tuple[dict[str, Any], ...]
+    threshold: int
+    notes: tuple[str, ...] = field(default_factory=tuple)  # errors to show, never raise
+
+
+def load_snapshot(
+    paths: AppliancePaths, service_url: str | None, window_seconds: float = 300
+) -> Snapshot:
+    store = ReleaseStore(paths)
+    db = open_state_db(paths.state_db)
+    try:
+        state = store.state(db)
+        releases = store.releases(db)
+        by_id = {r.id: r for r in releases}
+        active = by_id.get(state.active_id)
+        verdicts = _latest_verdicts(db)
+        rows = tuple(_release_row(r, state, verdicts.get(r.id)) for r in releases)
+        now = time.time()
+        stats = window_stats(db, window_seconds, active.ref if active else None, now)
+        series = _series(db, now)
+        reports = tuple(_latest_reports(db, by_id))
+        chain = audit.verify_chain(db)
+        audit_rows = tuple(audit.rows(db, limit=200))
+    finally:
+        db.close()
+    trust = load_trust_store(paths.trust_store)
+    keys = tuple(
+        {
+            "key_id": k.key_id,
+            "name": k.name,
+            "added": k.added,
+            "revoked": k.revoked,
+            "signed": [r.ref for r in releases if k.key_id in r.signers],
+        }
+        for k in trust.keys.values()
+    )
+    return Snapshot(
+        taken_at=now,
+        active=active.ref if active else None,
+        frozen=state.frozen,
+        frozen_reason=state.frozen_reason,
+        releases=rows,
+        window=stats,
+        requests_series=series[0],
+        p95_series=series[1],
+        tokens_series=series[2],
+        service=service_status(service_url),
+        cpu_percent=psutil.cpu_percent(interval=None),
+        memory_percent=psutil.virtual_memory().percent,
+        reports=reports,
+        audit_rows=audit_rows,
+        audit_ok=chain.ok,
+        audit_problem="" if chain.ok else f"row {chain.first_bad_id}: {chain.problem}",
+        keys=keys,
+        threshold=trust.threshold,
+    )
+
+
+def service_status(url: str | None) -> ServiceStatus:
+    """Queue depth, busy slots and the serving release from the service's /metrics."""
+    if not url:
+        return ServiceStatus(False)
+    try:
+        text = httpx.get(url.rstrip("/") + "/metrics", timeout=1.0).text
+    except httpx.HTTPError:
+        return ServiceStatus(False)
+
+    def gauge(name: str) -> float:
+        match = re.search(rf"^{name} (\S+)$", text, re.M)
+        return float(match[1]) if match else 0.0
+
+    release = re.search(r'^appliance_active_release\{release="([^"]+)"\} 1\.0$', text, re.M)
+    return ServiceStatus(
+        True,
+        release[1] if release else "",
+        gauge("appliance_queue_depth"),
+        gauge("appliance_busy_slots"),
+    )
+
+
+def _release_row(release: Release, state, verdict: bool | None) -> ReleaseRow:
+    if release.id == state.active_id:
+        where = "active"
+    elif release.id == state.previous_good_id:
+        where = "previous-good"
+    else:
+        where = "installed"
+    shown = "none" if verdict is None else "passed" if verdict else "failed"
+    return ReleaseRow(
+        release.ref,
+        release.sequence,
+        where,
+        shown,
+        tuple(release.signers),
+        release.installed_at,
+        release.quant_type,
+    )
+
+
+def _latest_verdicts(db) -> dict[int, bool]:
+    """The latest report's verdict per release, on this host, for its current spec hash."""
+    rows = db.query(
+        "SELECT e.release_id, e.passed FROM eval_reports e JOIN releases r ON r.id = e.release_id"
+        " WHERE e.host = ? AND e.spec_hash = r.spec_hash ORDER BY e.id",
+        [host_id()],
+    )
+    return {row["release_id"]: bool(row["passed"]) for row in rows}
+
+
+def _latest_reports(db, by_id: dict[int, Release]):
+    seen = set()
+    for row in db.query("SELECT release_id, report FROM eval_reports ORDER BY id DESC"):
+        if row["release_id"] in seen or row["release_id"] not in by_id:
+            continue
+        seen.add(row["release_id"])
+        yield json.loads(row["report"])
+
+
+def _series(db, now: float) -> tuple[tuple[float, ...], ...]:
+    start = now - SPARK_BUCKETS * SPARK_SECONDS
+    buckets: list[list[dict]] = [[] for _ in range(SPARK_BUCKETS)]
+    for row in db.query(
+        "SELECT time, status, latency_seconds, completion_tokens FROM requests WHERE time >= ?",
+        [start],
+    ):
+        index = min(SPARK_BUCKETS - 1, int((row["time"] - start) // SPARK_SECONDS))
+        buckets[index].append(row)
+    requests = tuple(float(len(b)) for b in buckets)
+    p95 = []
+    for bucket in buckets:
+        latencies = sorted(r["latency_seconds"] for r in bucket if r["status"] == 200)
+        p95.append(latencies[max(0, int(0.95 * len(latencies) + 0.5) - 1)] if latencies else 0.0)
+    tokens = tuple(sum(r["completion_tokens"] or 0 for r in b) / SPARK_SECONDS for b in buckets)
+    return requests, tuple(p95), tokens
+
+
+class ConsoleActions:
+    """State changes from the console: the CLI's own store functions, audited the same way."""
+
+    def __init__(self, paths: AppliancePaths) -> None:
+        self.store = ReleaseStore(paths)
+
+    def activate(self, ref: str, reason: str) -> str:
+        release, changed = self.store.activate(ref, reason=reason)
+        return f"{release.ref} is {'now' if changed else 'already'} active"
+
+    def rollback(self, reason: str) -> str:
+        target, previous = self.store.rollback(reason)
+        return f"rolled back from {previous.ref if previous else '-'} to {target.ref}"
+
+    def freeze(self, reason: str) -> str:
+        self.store.freeze(reason)
+        return f"releases frozen: {reason}"
+
+    def unfreeze(self, reason: str) -> str:
+        self.store.unfreeze(reason)
+        return "releases unfrozen"
