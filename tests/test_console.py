@@ -200,21 +200,27 @@ def fixed_app() -> ConsoleApp:
     return ConsoleApp(lambda: snapshot, actions=None, refresh_seconds=3600)
 
 
+async def loaded(pilot) -> None:
+    """Snapshots are taken only after the (thread-worker) refresh has filled the screens."""
+    assert await until(pilot, lambda: pilot.app.snapshot is not None)
+    await pilot.pause()
+
+
 def test_snapshot_dashboard(snap_compare):
-    assert snap_compare(fixed_app(), press=["_"])
+    assert snap_compare(fixed_app(), run_before=loaded)
 
 
 def test_snapshot_releases(snap_compare):
-    assert snap_compare(fixed_app(), press=["l", "_"])
+    assert snap_compare(fixed_app(), press=["l", "_"], run_before=loaded)
 
 
 def test_snapshot_evals(snap_compare):
-    assert snap_compare(fixed_app(), press=["e", "_"])
+    assert snap_compare(fixed_app(), press=["e", "_"], run_before=loaded)
 
 
 def test_snapshot_audit(snap_compare):
-    assert snap_compare(fixed_app(), press=["g", "_"])
+    assert snap_compare(fixed_app(), press=["g", "_"], run_before=loaded)
 
 
 def test_snapshot_keys(snap_compare):
-    assert snap_compare(fixed_app(), press=["k", "_"])
+    assert snap_compare(fixed_app(), press=["k", "_"], run_before=loaded)
