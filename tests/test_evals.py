@@ -176,19 +176,16 @@ def tiny_release(
     toml.write_text(
         text[:start] + 'golden = ["eval/golden/shape.jsonl"]\n' + text[text.index("]", start) + 1 :]
     )
+    return build_and_install(cli, toml, tmp_path, version)
+
+
+def build_and_install(cli, toml: Path, tmp_path: Path, version: str) -> str:
+    """Sign with the trusted test key, install, and return NAME@VERSION."""
+    out = tmp_path / f"out-{version}"
     assert (
-        cli(
-            "bundle",
-            "build",
-            toml,
-            "--key",
-            tmp_path / "keys/release.key",
-            "--out",
-            tmp_path / f"out-{version}",
-        )[0]
-        == 0
+        cli("bundle", "build", toml, "--key", tmp_path / "keys/release.key", "--out", out)[0] == 0
     )
-    assert cli("release", "install", tmp_path / f"out-{version}/demo-{version}.tar")[0] == 0
+    assert cli("release", "install", out / f"demo-{version}.tar")[0] == 0
     return f"demo@{version}"
 
 
@@ -284,20 +281,7 @@ def test_gate_rejects_a_degraded_release_and_accepts_the_good_one(
                     "max_defect_rate = { pii = 0.0, safety = 0.0 }", "max_defect_rate = {}"
                 )
             )
-        assert (
-            cli(
-                "bundle",
-                "build",
-                toml,
-                "--key",
-                tmp_path / "keys/release.key",
-                "--out",
-                tmp_path / f"out-{version}",
-            )[0]
-            == 0
-        )
-        assert cli("release", "install", tmp_path / f"out-{version}/demo-{version}.tar")[0] == 0
-        return f"demo@{version}"
+        return build_and_install(cli, toml, tmp_path, version)
 
     good = release(gemma_gguf, "1.0.0", 1, relaxed=False)
     code, result = cli("eval", "run", good)
