@@ -57,6 +57,8 @@ def demo(ctx: click.Context, bundle_toml: Path, then_serve: bool, port: int) -> 
         installed = store.release(db, ref)
     except StoreError:
         installed = None
+    finally:
+        db.close()
     if installed is None:
         click.echo(f"[2/6] building {ref} from {bundle_toml}")
         built = build_bundle(spec, [load_key_file(private_key)], paths.state_dir / "bundles")

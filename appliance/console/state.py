@@ -19,9 +19,9 @@ import psutil
 from appliance.paths import AppliancePaths
 from appliance.store import audit
 from appliance.store.db import open_state_db
-from appliance.store.gate import host_id
+from appliance.store.gate import GateDecision
 from appliance.store.releases import Release, ReleaseStore
-from appliance.telemetry.queries import WindowStats, window_stats
+from appliance.telemetry.queries import WindowStats, percentile, window_stats
 from appliance.trust.truststore import load_trust_store
 
 SPARK_BUCKETS = 30
@@ -80,8 +80,7 @@ def load_snapshot(
         releases = store.releases(db)
         by_id = {r.id: r for r in releases}
         active = by_id.get(state.active_id)
-        verdicts = _latest_verdicts(db)
-        rows = tuple(_release_row(r, state, verdicts.get(r.id)) for r in releases)
+        rows = tuple(_release_row(r, state, store.gate(db, r)) for r in releases)
         now = time.time()
         stats = window_stats(db, window_seconds, active.ref if active else None, now)
         series = _series(db, now)
@@ -145,14 +144,14 @@ def service_status(url: str | None) -> ServiceStatus:
     )
 
 
-def _release_row(release: Release, state, verdict: bool | None) -> ReleaseRow:
+def _release_row(release: Release, state, gate: GateDecision) -> ReleaseRow:
     if release.id == state.active_id:
         where = "active"
     elif release.id == state.previous_good_id:
         where = "previous-good"
     else:
         where = "installed"
-    shown = "none" if verdict is None else "passed" if verdict else "failed"
+    shown = "none" if gate.report is None else "passed" if gate.passed else "failed"
     return ReleaseRow(
         release.ref,
         release.sequence,
@@ -162,16 +161,6 @@ def _release_row(release: Release, state, verdict: bool | None) -> ReleaseRow:
         release.installed_at,
         release.quant_type,
     )
-
-
-def _latest_verdicts(db) -> dict[int, bool]:
-    """The latest report's verdict per release, on this host, for its current spec hash."""
-    rows = db.query(
-        "SELECT e.release_id, e.passed FROM eval_reports e JOIN releases r ON r.id = e.release_id"
-        " WHERE e.host = ? AND e.spec_hash = r.spec_hash ORDER BY e.id",
-        [host_id()],
-    )
-    return {row["release_id"]: bool(row["passed"]) for row in rows}
 
 
 def _latest_reports(db, by_id: dict[int, Release]):
@@ -193,12 +182,12 @@ def _series(db, now: float) -> tuple[tuple[float, ...], ...]:
         index = min(SPARK_BUCKETS - 1, int((row["time"] - start) // SPARK_SECONDS))
         buckets[index].append(row)
     requests = tuple(float(len(b)) for b in buckets)
-    p95 = []
-    for bucket in buckets:
-        latencies = sorted(r["latency_seconds"] for r in bucket if r["status"] == 200)
-        p95.append(latencies[max(0, int(0.95 * len(latencies) + 0.5) - 1)] if latencies else 0.0)
+    p95 = tuple(
+        percentile([r["latency_seconds"] for r in b if r["status"] == 200], 95) or 0.0
+        for b in buckets
+    )
     tokens = tuple(sum(r["completion_tokens"] or 0 for r in b) / SPARK_SECONDS for b in buckets)
-    return requests, tuple(p95), tokens
+    return requests, p95, tokens
 
 
 class ConsoleActions:

@@ -87,25 +87,16 @@ def planned_cases(store: ReleaseStore, ref: str, baseline_ref: str | None = "act
 
 
 def judge_gate(store: ReleaseStore, ref: str) -> dict[str, Any]:
-    """The latest report for this release on this host, if it counts; raise if it fails."""
+    """The report that counts for this release on this host (the same rule activation
+    uses); raise when there is none, or when it failed a criterion."""
     db = store.open_db()
-    release = store.release(db, ref)
-    rows = list(
-        db.query(
-            "SELECT * FROM eval_reports WHERE release_id = ? AND host = ? ORDER BY id DESC LIMIT 1",
-            [release.id, host_id()],
-        )
-    )
-    db.close()
-    if not rows:
-        raise GateError(f"{ref} has no eval report on this host: run `appliance eval run {ref}`")
-    row = rows[0]
-    if row["spec_hash"] != release.spec_hash:
-        raise GateError(
-            f"the latest eval report of {ref} was made for another spec hash "
-            f"({row['spec_hash'][:16]}, not {release.spec_hash[:16]}); it does not count"
-        )
-    report = json.loads(row["report"])
+    try:
+        decision = store.gate(db, store.release(db, ref))
+    finally:
+        db.close()
+    if decision.report is None:
+        raise GateError(f"{ref}: {decision.reason}; run `appliance eval run {ref}`")
+    report = json.loads(decision.report["report"])
     failures = report["gate"]["failures"]
     if failures:
         first = failures[0]

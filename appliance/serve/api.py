@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -267,13 +268,10 @@ class _Relay:
         else:
             self.parts.append(event.text)
 
-    async def _next(self) -> Event:
-        return await self.events.get()
-
     async def whole(self, request: Request) -> JSONResponse:
         while True:
             try:
-                event = await asyncio.wait_for(self._next(), timeout=0.5)
+                event = await asyncio.wait_for(self.events.get(), timeout=0.5)
             except TimeoutError:
                 if await request.is_disconnected():
                     self.ticket.cancel()
@@ -320,7 +318,7 @@ class _Relay:
             if self.kind == "chat.completion":
                 yield self._chunk({"role": "assistant", "content": ""}, None)
             while True:
-                event = await self._next()
+                event = await self.events.get()
                 if event.text:
                     yield self._chunk(self._delta(event.text), None)
                 if event.finish_reason is None:
@@ -431,14 +429,12 @@ def _record(
         service.metrics.prompt_tokens.inc(event.prompt_tokens)
         service.metrics.completion_tokens.inc(event.completion_tokens)
         ttft = first_token_at - arrived if first_token_at else None
-        record = RequestRecord(
-            **{
-                **record.__dict__,
-                "prompt_tokens": event.prompt_tokens,
-                "completion_tokens": event.completion_tokens,
-                "queue_seconds": event.queue_seconds,
-                "ttft_seconds": ttft,
-            }
+        record = replace(
+            record,
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            queue_seconds=event.queue_seconds,
+            ttft_seconds=ttft,
         )
         if status == 200:
             service.metrics.latency.observe(now - arrived)

@@ -4,8 +4,6 @@ without a template falls back to one of llama.cpp's built-in templates."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -22,23 +20,34 @@ class ChatTemplateError(ApplianceError):
     exit_code = 31
 
 
-@dataclass(frozen=True)
 class ChatFormatter:
-    engine: Engine
-    template: str | None  # Jinja source; None: llama.cpp's built-in template for the model
+    """Renders chat messages into a prompt; the template is compiled once, at model load,
+    so a broken template fails the load instead of every request."""
+
+    def __init__(self, engine: Engine, template: str | None) -> None:
+        self.engine = engine
+        self._builtin = BUILTIN_FOR_ARCHITECTURE.get(engine.architecture, "chatml")
+        self._special = {
+            "bos_token": engine.special_token_text("bos"),
+            "eos_token": engine.special_token_text("eos"),
+        }
+        self._compiled = None
+        if template is not None:  # None: llama.cpp's built-in template for the model
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            environment.globals["raise_exception"] = _raise_exception
+            try:
+                self._compiled = environment.from_string(template)
+            except TemplateError as exc:
+                raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
 
     def render(self, messages: list[tuple[str, str]]) -> str:
-        if self.template is None:
-            builtin = BUILTIN_FOR_ARCHITECTURE.get(self.engine.architecture, "chatml")
-            return self.engine.apply_builtin_template(builtin, messages)
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        environment.globals["raise_exception"] = _raise_exception
+        if self._compiled is None:
+            return self.engine.apply_builtin_template(self._builtin, messages)
         try:
-            rendered = environment.from_string(self.template).render(
+            rendered = self._compiled.render(
                 messages=[{"role": r, "content": c} for r, c in messages],
                 add_generation_prompt=True,
-                bos_token=self.engine.special_token_text("bos"),
-                eos_token=self.engine.special_token_text("eos"),
+                **self._special,
             )
         except (TemplateError, ValueError, TypeError) as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc

@@ -11,6 +11,7 @@ import hashlib
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 
@@ -23,7 +24,7 @@ MACHINE_ID = Path("/etc/machine-id")
 class GateDecision:
     passed: bool
     reason: str
-    report_id: int | None = None
+    report: dict[str, Any] | None = None  # the eval_reports row that counts, if one does
 
 
 def spec_hash(manifest: Manifest) -> str:
@@ -44,18 +45,22 @@ def host_id() -> str:
 
 
 def activation_gate(db: Database, release_id: int, release_spec_hash: str) -> GateDecision:
-    reports = list(
+    """The one gate rule: the latest report on this host counts, if made for this spec hash."""
+    rows = list(
         db.query(
-            "SELECT id, spec_hash, passed FROM eval_reports WHERE release_id = ? AND host = ?"
-            " ORDER BY id DESC",
+            "SELECT * FROM eval_reports WHERE release_id = ? AND host = ? ORDER BY id DESC LIMIT 1",
             [release_id, host_id()],
         )
     )
-    for report in reports:
-        if report["spec_hash"] == release_spec_hash:
-            if report["passed"]:
-                return GateDecision(True, f"eval report {report['id']} passed", report["id"])
-            return GateDecision(False, f"the latest eval report ({report['id']}) failed")
-    if reports:
-        return GateDecision(False, "eval reports exist only for another spec hash")
-    return GateDecision(False, "no eval report for this release on this host")
+    if not rows:
+        return GateDecision(False, "no eval report for this release on this host")
+    row = rows[0]
+    if row["spec_hash"] != release_spec_hash:
+        return GateDecision(
+            False,
+            f"the latest eval report was made for another spec hash "
+            f"({row['spec_hash'][:16]}, not {release_spec_hash[:16]})",
+        )
+    if row["passed"]:
+        return GateDecision(True, f"eval report {row['id']} passed", row)
+    return GateDecision(False, f"the latest eval report ({row['id']}) failed", row)
