@@ -4,8 +4,9 @@
 #   install.sh --public-key PUB.pem [--signature SIG] [--root DIR] appliance-installer-V.tar
 #   install.sh --rollback [--root DIR]
 #
-# 1. Verifies the tarball's detached signature with the system openssl against the public
-#    key the operator names; on any failure it stops before reading anything inside.
+# 1. Copies the tarball (read once) into a private directory and verifies that copy's
+#    detached signature with the system openssl against the public key the operator
+#    names; on any failure it stops before creating anything, --root DIR included.
 # 2. Installs the software into /opt/appliance/versions/V/venv with pip --no-index from
 #    the tarball's wheelhouse (no network), then points /opt/appliance/current at it and
 #    keeps the version it replaces as /opt/appliance/previous (`--rollback` swaps back).
@@ -26,18 +27,25 @@ while [ $# -gt 0 ]; do
         --signature) SIGNATURE=${2:?}; shift 2 ;;
         --root) ROOT=${2:?}; shift 2 ;;
         --rollback) ROLLBACK=1; shift ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option $1 (see --help)" 2 ;;
         *) [ -z "$TARBALL" ] || die "only one tarball, please" 2; TARBALL=$1; shift ;;
     esac
 done
-mkdir -p "$ROOT"
-ROOT=$(cd "$ROOT" && pwd)
-OPT="${ROOT%/}/opt/appliance"
+OPT=""
 SYSTEM_INSTALL=0
-[ "$ROOT" = / ] && [ "$(id -u)" = 0 ] && SYSTEM_INSTALL=1
+# Resolve --root, creating it only when asked to (after the signature check).
+resolve_root() {
+    if [ "${1:-}" = create ]; then mkdir -p -- "$ROOT"; fi
+    local resolved
+    resolved=$(CDPATH='' cd -- "$ROOT" && pwd) || return 1
+    ROOT=$resolved
+    OPT="${ROOT%/}/opt/appliance"
+    if [ "$ROOT" = / ] && [ "$(id -u)" = 0 ]; then SYSTEM_INSTALL=1; fi
+}
 
 if [ "$ROLLBACK" = 1 ]; then
+    resolve_root 2>/dev/null || die "no previous software version to roll back to" 3
     previous=$(readlink "$OPT/previous" 2>/dev/null) || die "no previous software version to roll back to" 3
     current=$(readlink "$OPT/current")
     ln -sfn "$previous" "$OPT/current.new" && mv -T "$OPT/current.new" "$OPT/current"
@@ -53,19 +61,42 @@ SIGNATURE=${SIGNATURE:-$TARBALL.sig}
 for f in "$TARBALL" "$SIGNATURE" "$PUBKEY"; do [ -r "$f" ] || die "cannot read $f" 16; done
 command -v openssl >/dev/null || die "openssl is required to verify the installer" 16
 
-# 1. Verify before anything from the tarball is used.
-if ! openssl dgst -sha256 -verify "$PUBKEY" -signature "$SIGNATURE" "$TARBALL" >/dev/null 2>&1; then
+# 1. Read each input exactly once into a private directory, then verify and extract that
+#    copy only: a second read of the operator's path (a FIFO, or a file swapped after
+#    openssl exits) could hand tar other bytes than the ones openssl verified.
+WORK=$(mktemp -d) || die "cannot create a private working directory" 16
+trap 'rm -rf "$WORK"' EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+[ -d "$WORK" ] && [ ! -L "$WORK" ] && [ "$(stat -c '%u %a' "$WORK")" = "$(id -u) 700" ] \
+    || die "$WORK is not a private directory (owner $(id -u), mode 0700)" 16
+# Nobody else may rename it away and put theirs in its place: a sticky or private parent.
+parent_mode=$((8#$(stat -c '%a' "$(dirname "$WORK")")))
+(( (parent_mode & 01000) || !(parent_mode & 022) )) \
+    || die "$(dirname "$WORK") is writable by others and not sticky; set TMPDIR" 16
+# Redirections, not arguments: cat would read stdin for a file named "-".
+cat <"$TARBALL" >"$WORK/installer.tar" || die "cannot read $TARBALL" 16
+cat <"$SIGNATURE" >"$WORK/installer.sig" || die "cannot read $SIGNATURE" 16
+cat <"$PUBKEY" >"$WORK/public.pem" || die "cannot read $PUBKEY" 16
+
+if ! openssl dgst -sha256 -verify "$WORK/public.pem" -signature "$WORK/installer.sig" \
+    "$WORK/installer.tar" >/dev/null 2>&1; then
     die "signature check FAILED for $TARBALL with $PUBKEY; nothing was installed" 10
 fi
 say "signature verified: $TARBALL ($PUBKEY)"
 
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-tar -xf "$TARBALL" -C "$WORK" --no-same-owner --no-same-permissions
-SRC=$(find "$WORK" -mindepth 1 -maxdepth 1 -type d -name 'appliance-installer-*' | head -n 1)
-[ -n "$SRC" ] && [ -f "$SRC/VERSION" ] || die "the tarball is not an appliance installer" 14
+mkdir "$WORK/x"
+tar -xf "$WORK/installer.tar" -C "$WORK/x" --no-same-owner --no-same-permissions \
+    || die "cannot extract $TARBALL (not a tar archive, or no space in $WORK)" 14
+SRC=$(find "$WORK/x" -mindepth 1 -maxdepth 1 -type d -name 'appliance-installer-*' | head -n 1)
+[ -n "$SRC" ] && [ -f "$SRC/VERSION" ] && [ -f "$SRC/systemd/appliance.service" ] \
+    || die "the tarball is not an appliance installer" 14
 VERSION=$(cat "$SRC/VERSION")
 [[ "$VERSION" =~ ^[0-9A-Za-z][0-9A-Za-z.+_-]*$ ]] || die "bad version in tarball: $VERSION" 14
+
+# Only now, with a verified installer in hand, touch --root.
+resolve_root create || die "cannot create $ROOT" 16
 
 # 2. The service user and the directories.
 if [ "$SYSTEM_INSTALL" = 1 ] && ! id appliance >/dev/null 2>&1; then
@@ -105,7 +136,10 @@ install -d -m 0755 "${ROOT%/}/usr/local/bin"
 ln -sfn "$OPT/current/venv/bin/appliance" "${ROOT%/}/usr/local/bin/appliance"
 
 # 5. Units, and the release-signing keys that came with this installer.
-install -m 0644 "$SRC/systemd/appliance.service" "${ROOT%/}/etc/systemd/system/appliance.service"
+for unit in "$SRC"/systemd/*.service "$SRC"/systemd/*.socket; do
+    [ -f "$unit" ] || continue  # an unmatched glob
+    install -m 0644 "$unit" "${ROOT%/}/etc/systemd/system/$(basename "$unit")"
+done
 for key in "$SRC"/keys/*.pem; do
     if APPLIANCE_ROOT="$ROOT" "$OPT/current/venv/bin/appliance" keys trust "$key" \
         --name "installer-$(basename "$key" .pem)" >/dev/null; then

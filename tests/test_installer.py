@@ -1,14 +1,19 @@
 """The offline installer: signed with a key openssl checks on its own, installed with no
-network into a directory tree, idempotent, upgradable with software rollback; and the
-hardened systemd unit."""
+network into a directory tree, idempotent, upgradable with software rollback; and what
+install.sh reads: the very bytes openssl verified, never a second read of the operator's
+path."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -61,10 +66,11 @@ def installer_v2(tmp_path_factory, installer_keys) -> Path:
     return build(source, tmp_path_factory.mktemp("installer-v2"), installer_keys)
 
 
-def install(tarball: Path, root: Path, public_key: Path, *extra: str):
+def install(tarball: Path, root: Path, public_key: Path, *extra: str, env_extra=None):
     """Run install.sh (the copy shipped beside the tarball) in a namespace with no network."""
     script = tarball.parent / "install.sh"
     env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_HOME", "APPLIANCE_ROOT")}
+    env.update(env_extra or {})
     command = (
         f'echo "interfaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " ")"; '
         f'exec bash "{script}" --public-key "{public_key}" --root "{root}" {" ".join(extra)}'
@@ -129,8 +135,12 @@ def test_offline_install_into_a_root(installer_v1, installer_keys, tmp_path):
     assert os.readlink(root / "opt/appliance/current") == "versions/0.1.0"
     link = root / "usr/local/bin/appliance"
     assert os.readlink(link) == str(root / "opt/appliance/current/venv/bin/appliance")
-    unit = root / "etc/systemd/system/appliance.service"
-    assert unit.read_text() == (REPO / "systemd/appliance.service").read_text()
+    shipped = sorted([*(REPO / "systemd").glob("*.service"), *(REPO / "systemd").glob("*.socket")])
+    assert REPO / "systemd/appliance.service" in shipped
+    units = root / "etc/systemd/system"
+    assert sorted(p.name for p in units.iterdir()) == [p.name for p in shipped]
+    for unit in shipped:
+        assert (units / unit.name).read_bytes() == unit.read_bytes(), unit.name
     assert (root / "var/lib/appliance").stat().st_mode & 0o777 == 0o750
     keys = json.loads(installed(root, "keys", "list", "--json").stdout)["keys"]
     assert [k["key_id"] for k in keys] == [release.key_id]
@@ -157,7 +167,7 @@ def test_tampered_installer_is_refused_before_anything_happens(
     done = install(tampered, root, signer.public_key)
     assert done.returncode == 10
     assert "signature check FAILED" in done.stderr
-    assert list(root.iterdir()) == []
+    assert not root.exists(), "nothing may be created before the signature check passes"
 
 
 def test_installer_signed_by_another_key_is_refused(installer_v1, installer_keys, tmp_path):
@@ -186,22 +196,104 @@ def test_upgrade_keeps_the_previous_version_for_rollback(
     assert os.readlink(root / "opt/appliance/previous") == "versions/99.0.0"
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-def test_systemd_unit_is_valid_and_hardened(tmp_path):
-    venv_bin = REPO / ".venv" / "bin"
-    unit = tmp_path / "appliance.service"
-    # Point the unit at this checkout's venv so `verify` can check the executable exists.
-    unit.write_text(
-        (REPO / "systemd/appliance.service")
-        .read_text()
-        .replace("/opt/appliance/current/venv/bin", str(venv_bin))
+class FifoFeeder(threading.Thread):
+    """Writes `feeds[0]` to the first process that opens the FIFO for reading and
+    `feeds[-1]` to every later one: one path, different bytes on each read."""
+
+    def __init__(self, fifo: Path, feeds: list[bytes], timeout: float = 300):
+        super().__init__(daemon=True)
+        self.fifo, self.feeds, self.deadline = fifo, feeds, time.monotonic() + timeout
+        self.stop = threading.Event()
+        self.readers = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set() and time.monotonic() < self.deadline:
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: nobody has it open for reading yet
+                    raise
+                time.sleep(0.005)
+                continue
+            try:
+                self.feed(fd, self.feeds[min(self.readers, len(self.feeds) - 1)])
+            finally:
+                os.close(fd)
+            self.readers += 1
+            # Let this reader see EOF and go before a new writer joins the same read.
+            self.stop.wait(0.5)
+
+    def feed(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self.stop.is_set() and time.monotonic() < self.deadline:
+            if not select.select([], [fd], [], 0.1)[1]:
+                continue
+            try:
+                view = view[os.write(fd, view[: 1 << 16]) :]
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:  # the reader stopped early (tar at the end marker)
+                return
+
+
+def installed_version(root: Path) -> str | None:
+    app = root / "opt/appliance/current/venv/bin/appliance"
+    return installed(root, "--version").stdout.strip() if app.exists() else None
+
+
+def test_fifo_that_hands_openssl_and_tar_different_bytes_installs_only_what_was_verified(
+    installer_v1, installer_v2, installer_keys, tmp_path
+):
+    """A FIFO answers each open with other bytes: openssl would get the signed v1 and tar
+    the v2 (99.0.0) unless install.sh reads the path exactly once."""
+    signer, _ = installer_keys
+    fifo = tmp_path / installer_v1.name
+    os.mkfifo(fifo)
+    shutil.copy(f"{installer_v1}.sig", f"{fifo}.sig")
+    shutil.copy(installer_v1.parent / "install.sh", tmp_path / "install.sh")
+    feeder = FifoFeeder(fifo, [installer_v1.read_bytes(), installer_v2.read_bytes()])
+    feeder.start()
+    root = tmp_path / "root"
+    try:
+        done = install(fifo, root, signer.public_key)
+    finally:
+        feeder.stop.set()
+        feeder.join(timeout=10)
+    assert installed_version(root) != "appliance, version 99.0.0", "tar read other bytes"
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert installed_version(root) == "appliance, version 0.1.0"
+    assert feeder.readers == 1, "install.sh must read the operator's tarball exactly once"
+
+
+def test_tarball_swapped_after_openssl_verified_it_is_not_what_gets_installed(
+    installer_v1, installer_v2, installer_keys, tmp_path
+):
+    """The file is replaced the moment openssl exits (here by a shim first on PATH): tar
+    must extract the verified copy, not whatever now sits at the operator's path."""
+    signer, _ = installer_keys
+    tarball = tmp_path / installer_v1.name
+    shutil.copy(installer_v1, tarball)
+    shutil.copy(f"{installer_v1}.sig", f"{tarball}.sig")
+    shutil.copy(installer_v1.parent / "install.sh", tmp_path / "install.sh")
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    shim = shim_dir / "openssl"
+    shim.write_text(
+        "#!/bin/sh\n"
+        f'"{shutil.which("openssl")}" "$@"\n'
+        "status=$?\n"
+        'cp "$SWAP_IN" "$SWAP_TARGET.new" && mv -f "$SWAP_TARGET.new" "$SWAP_TARGET"\n'
+        "exit $status\n"
     )
-    verify = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True
-    )
-    assert verify.returncode == 0, verify.stderr
-    security = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True
-    )
-    score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)[1])
-    assert score <= 2.0, security.stdout
+    shim.chmod(0o755)
+    env = {
+        "PATH": f"{shim_dir}{os.pathsep}{os.environ['PATH']}",
+        "SWAP_IN": str(installer_v2),
+        "SWAP_TARGET": str(tarball),
+    }
+    root = tmp_path / "root"
+    done = install(tarball, root, signer.public_key, env_extra=env)
+    assert tarball.read_bytes() == installer_v2.read_bytes(), "the shim did not swap the file"
+    assert installed_version(root) != "appliance, version 99.0.0", "tar read the swapped file"
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert installed_version(root) == "appliance, version 0.1.0"
