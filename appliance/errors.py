@@ -83,6 +83,13 @@ class UnreadableInputError(VerificationError):
     exit_code = 16
 
 
+class ModelLoadError(ApplianceError):
+    """llama.cpp could not load the model in a child process (the load probe): it aborted,
+    crashed, timed out or refused the file. Nothing long-lived ever loads such a model."""
+
+    exit_code = 17
+
+
 class StoreError(ApplianceError):
     """A release-store operation that cannot be done in the store's current state."""
 
@@ -114,6 +121,13 @@ class GateError(StoreError):
 
 
 class AuditChainError(StoreError):
-    """The audit log's hash chain is broken: a row was edited, deleted or reordered."""
+    """The audit log's hash chain is broken (a row was edited, deleted or reordered), or the
+    state it records differs from the live state."""
 
     exit_code = 25
+
+
+class EvalTargetError(ApplianceError):
+    """The service an eval runs against does not serve the exact release being evaluated."""
+
+    exit_code = 26

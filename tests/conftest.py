@@ -17,9 +17,9 @@ from appliance.build.builder import build_bundle
 from appliance.build.spec import load_bundle_spec
 from appliance.cli import cli
 from appliance.paths import HOME_ENV, appliance_paths
+from appliance.store.releases import ReleaseStore
 from appliance.trust.crypto import SigningKey, load_public_key, load_signing_key
 from appliance.trust.keyfiles import write_key_pair
-from appliance.trust.truststore import trust_key
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_BUNDLE = REPO / "bundles" / "demo"
@@ -57,7 +57,8 @@ class KeyPair:
         return load_signing_key(self.private.read_bytes(), None)
 
     def trust(self) -> None:
-        trust_key(appliance_paths().trust_store, load_public_key(self.public.read_bytes()), "t")
+        """Trust the key through the store, audited, as `appliance keys trust` does."""
+        ReleaseStore(appliance_paths()).trust_key(load_public_key(self.public.read_bytes()), "t")
 
 
 @pytest.fixture

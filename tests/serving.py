@@ -46,7 +46,11 @@ class Server:
             self.process.kill()
 
 
-def start_server(home: Path, *args: str, ready_seconds: float = 120) -> Server:
+def start_server(
+    home: Path, *args: str, ready_seconds: float = 120, expect_ready: bool = True
+) -> Server:
+    """Start `appliance serve`; wait until /readyz is 200 (or, with expect_ready=False, until
+    /healthz answers: a service that is up but has nothing it can serve)."""
     port = free_port()
     log = home / f"serve-{port}.log"
     home.mkdir(parents=True, exist_ok=True)
@@ -61,7 +65,8 @@ def start_server(home: Path, *args: str, ready_seconds: float = 120) -> Server:
         if process.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()}")
         try:
-            if httpx.get(server.url + "/readyz", timeout=1).status_code == 200:
+            probe = "/readyz" if expect_ready else "/healthz"
+            if httpx.get(server.url + probe, timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

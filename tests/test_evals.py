@@ -3,6 +3,7 @@ releases (tiny model; Gemma for the regression gate, marked)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sqlite3
 from pathlib import Path
@@ -11,11 +12,11 @@ from xml.etree import ElementTree
 import pytest
 from conftest import write_bundle_dir
 from serving import start_server
+from tinymodel import write_tiny_gguf
 
 from appliance.evals.scorers import SCORERS, find_pii, iban_valid, luhn_valid
 from appliance.evals.stats import mcnemar_exact, paired_bootstrap_interval, wilson_interval
 from appliance.paths import appliance_paths
-from appliance.store.gate import host_id
 
 
 def score(name: str, output: str, expected: dict | None = None, latency: float = 0.0) -> bool:
@@ -165,10 +166,17 @@ CASES = [
 
 
 def tiny_release(
-    cli, tmp_path: Path, model: Path, min_pass_rate: float, version: str, sequence: int
+    cli,
+    tmp_path: Path,
+    model: Path,
+    min_pass_rate: float,
+    version: str,
+    sequence: int,
+    max_tokens: int = 256,
 ) -> str:
     source = tmp_path / f"src-{version}"
     toml = write_bundle_dir(source, model, release=(version, sequence, 0))
+    toml.write_text(toml.read_text().replace("max_tokens = 256", f"max_tokens = {max_tokens}"))
     (source / "eval/spec.toml").write_text(EASY_SPEC.format(min_pass_rate=min_pass_rate))
     (source / "eval/golden/shape.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CASES))
     text = toml.read_text()
@@ -234,35 +242,93 @@ def test_failing_suite_closes_the_gate_with_its_code(cli, tmp_path, tiny_gguf):
 
 def test_a_report_for_another_spec_hash_is_refused(cli, tmp_path, tiny_gguf):
     ref = tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=0.0, version="1.0.0", sequence=1)
-    release = cli("release", "show", ref)[1]
-    db = sqlite3.connect(appliance_paths().state_db)
-    fake = {"gate": {"passed": True, "failures": []}, "spec_hash": "e" * 64}
-    db.execute(
-        "INSERT INTO eval_reports (release_id, spec_hash, host, passed, created, report)"
-        " VALUES (?, ?, ?, 1, '2026-01-01T00:00:00Z', ?)",
-        [release["id"], "e" * 64, host_id(), json.dumps(fake)],
-    )
+    assert cli("eval", "run", ref)[0] == 0
+    db = sqlite3.connect(appliance_paths().state_db)  # as if the hash's definition changed
+    db.execute("UPDATE releases SET spec_hash = ? WHERE version = '1.0.0'", ["e" * 64])
     db.commit()
     code, error = cli("eval", "gate", ref)
     assert code == 23 and "another spec hash" in error["error"]
     assert cli("release", "activate", ref)[0] == 23
 
 
-def test_eval_against_a_running_service(cli, tmp_path, tiny_gguf, appliance_home):
-    ref = tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=0.0, version="1.0.0", sequence=1)
-    assert cli("release", "activate", ref, "--force", "--reason", "serve it")[0] == 0
+def test_a_removed_releases_verdict_is_not_inherited_by_a_reused_row_id(cli, tmp_path, tiny_gguf):
+    """SQLite hands a removed release's row id to the next install; the verdict must not
+    follow the id: reports name the signed content they judged and go with the release."""
+    tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=0.0, version="1.0.0", sequence=1)
+    judged = tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=0.0, version="2.0.0", sequence=2)
+    assert cli("eval", "run", judged, "--baseline", "none")[0] == 0
+    old_id = cli("release", "show", judged)[1]["id"]
+    assert cli("release", "remove", judged)[0] == 0
+    fresh = tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=0.0, version="3.0.0", sequence=3)
+    shown = cli("release", "show", fresh)[1]
+    assert shown["id"] == old_id, "the precondition: SQLite reused the row id"
+    assert shown["gate"]["passed"] is False
+    assert cli("eval", "gate", fresh)[0] == 23
+    assert cli("release", "activate", fresh)[0] == 23
+    removal = cli("audit", "list")[1]["rows"][1]
+    assert removal["action"] == "remove" and removal["details"]["reports_dropped"] == 1
+    assert cli("audit", "verify")[0] == 0
+
+
+def test_serving_json_is_part_of_the_spec_hash(cli, tmp_path, tiny_gguf):
+    """Same model and eval files, another serving.json (template, sampling, limits): another
+    spec hash, so one release's verdict can never stand for the other."""
+    one = tiny_release(cli, tmp_path, tiny_gguf, 0.0, "1.0.0", 1, max_tokens=256)
+    two = tiny_release(cli, tmp_path, tiny_gguf, 0.0, "1.0.1", 2, max_tokens=8)
+    assert (
+        cli("release", "show", one)[1]["spec_hash"] != cli("release", "show", two)[1]["spec_hash"]
+    )
+
+
+@pytest.fixture
+def served(cli, tmp_path, tiny_gguf, appliance_home):
+    """Two installed releases; the service serves the first; an API key for it."""
+    first = tiny_release(cli, tmp_path, tiny_gguf, 0.0, "1.0.0", 1)
+    candidate = tiny_release(
+        cli, tmp_path, write_tiny_gguf(tmp_path / "other.gguf", seed=5), 0.0, "2.0.0", 2
+    )
+    assert cli("release", "activate", first, "--force", "--reason", "serve it")[0] == 0
     key = cli("apikeys", "create", "--name", "eval")[1]["key"]
     server = start_server(appliance_home)
-    try:
-        code, result = cli(
-            "eval", "run", ref, "--url", server.url, "--api-key", key, "--baseline", "none"
-        )
-    finally:
-        server.stop()
+    yield server, key, first, candidate
+    server.stop()
+
+
+def test_eval_over_url_refuses_a_service_that_serves_another_release(cli, served):
+    """`eval run CANDIDATE --url` against a service that serves the stable release must not
+    produce a report that lets the candidate activate."""
+    server, key, first, candidate = served
+    code, error = cli("eval", "run", candidate, "--url", server.url, "--api-key", key)
+    assert code == 26, error
+    assert f"not {candidate}" in error["error"] and first in error["error"]
+    assert cli("release", "show", candidate)[1]["gate"]["passed"] is False
+    assert cli("release", "activate", candidate)[0] == 23
+    assert not any(r["action"] == "eval" for r in cli("audit", "list")[1]["rows"])
+
+
+def test_eval_over_url_measures_the_release_the_service_serves(cli, served):
+    server, key, first, _ = served
+    code, result = cli(
+        "eval", "run", first, "--url", server.url, "--api-key", key, "--baseline", "none"
+    )
     assert code == 0, result
     report = json.loads(Path(result["files"]["json"]).read_text())
+    assert report["manifest_sha256"] == cli("release", "show", first)[1]["manifest_sha256"]
     assert report["overall"]["n"] == 3
     assert all(c["ttft_ms"] is not None for c in report["cases"])
+
+
+def test_eval_of_a_model_that_aborts_llama_cpp_is_refused_not_crashed(cli, tmp_path, monkeypatch):
+    """A signed GGUF that passes our header check but makes llama.cpp abort(): `eval run`
+    used to die with SIGABRT; the load probe in a child process refuses it with exit 17."""
+    model = write_tiny_gguf(tmp_path / "aborts.gguf", aborts_llama_cpp=True)
+    release_cli = importlib.import_module("appliance.cli.release")  # the module, not the group
+    monkeypatch.setattr(release_cli, "probe_release", lambda _dir: None)  # installed as 0.1 did
+    ref = tiny_release(cli, tmp_path, model, min_pass_rate=0.0, version="1.0.0", sequence=1)
+    code, error = cli("eval", "run", ref)
+    assert code == 17, error
+    assert "failed the load probe" in error["error"] and "SIGABRT" in error["error"]
+    assert "unsupported types" in error["error"]
 
 
 @pytest.mark.real_model

@@ -3,6 +3,7 @@ requests; a release that fails to load leaves the old one serving."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from pathlib import Path
@@ -92,3 +93,38 @@ def test_a_release_that_fails_to_load_leaves_the_old_one_serving(two_releases):
     assert serving(server) == first
     assert httpx.get(server.url + "/readyz").json()["release"] == first
     assert server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).is_success
+
+
+def test_a_release_that_aborts_llama_cpp_never_takes_the_service_down(
+    two_releases, tmp_path, monkeypatch
+):
+    """Activating a signed release whose model makes llama.cpp abort() used to kill the
+    running service, and `appliance serve` then crash-looped at start. Now the load probe
+    (a child process) takes the abort: the old release keeps serving, and a restarted
+    service stays up, not ready, and says why."""
+    server, first, _ = two_releases
+    release_cli = importlib.import_module("appliance.cli.release")
+    monkeypatch.setattr(release_cli, "probe_release", lambda _dir: None)  # as 0.1 installed
+    model = write_tiny_gguf(tmp_path / "aborts.gguf", aborts_llama_cpp=True)
+    bad = install_release(server.home, tmp_path, model, "3.0.0", 3)
+    appliance(server.home, "release", "activate", bad, "--force", "--reason", "bad weights")
+    assert wait_for(lambda: "failed the load probe" in server.log.read_text(), seconds=30)
+    assert server.process.poll() is None, "the service must survive"
+    assert serving(server) == first
+    ready = httpx.get(server.url + "/readyz").json()
+    assert ready["release"] == first and "SIGABRT" in ready["failed_to_load"]
+    assert server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).is_success
+
+    server.stop()
+    restarted = start_server(server.home, expect_ready=False)
+    try:
+        ready = httpx.get(restarted.url + "/readyz")
+        assert ready.status_code == 503 and "failed the load probe" in ready.json()["reason"]
+        assert restarted.process.poll() is None, "no crash loop: up, not ready"
+        restarted.key = server.key
+        refused = restarted.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503 and "failed the load probe" in refused.text
+        appliance(server.home, "release", "rollback", "--reason", "back to good")
+        assert wait_for(lambda: httpx.get(restarted.url + "/readyz").status_code == 200, 30)
+    finally:
+        restarted.stop()

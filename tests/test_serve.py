@@ -52,7 +52,7 @@ def server(tmp_path_factory, tiny_gguf):
     ref = install_release(home, tmp_path_factory.mktemp("work"), tiny_gguf, "1.0.0", 1)
     appliance(home, "release", "activate", ref, "--force", "--reason", "test")
     key = appliance(home, "apikeys", "create", "--name", "tests")["key"]
-    running = start_server(home)
+    running = start_server(home, "--openapi")
     running.key = key
     yield running
     running.stop()
@@ -148,6 +148,8 @@ BAD_REQUESTS = {
     "temperature_out_of_range": (json.dumps({"prompt": "x", "temperature": 9}).encode(), 400),
     "not_an_object": (b"[1, 2, 3]", 400),
     "oversized_body": (json.dumps({"prompt": "x" * (2 << 20)}).encode(), 413),
+    "lone_surrogate_in_prompt": (b'{"prompt": "a \\ud800 b"}', 400),
+    "lone_surrogate_in_stop": (b'{"prompt": "a", "stop": ["\\udfff"]}', 400),
 }
 
 
@@ -261,14 +263,19 @@ def test_full_queue_answers_429_with_retry_after(tiny_server: Server):
     assert refused.json()["error"]["code"] == "queue_full"
 
 
-def test_fuzzing_the_openapi_document_finds_no_server_error(server: Server):
-    """schemathesis generates hundreds of valid and invalid requests from /openapi.json."""
-    cli_path = Path(sys.executable).parent / "schemathesis"
+def test_fuzzing_the_openapi_document_finds_no_server_error(server: Server, tmp_path):
+    """schemathesis generates hundreds of valid and invalid requests from the service's own
+    OpenAPI document (served with --openapi, behind the API key). Pinned to one seed for CI;
+    scripts/fuzz_api.py runs longer, randomized campaigns."""
+    schema = tmp_path / "openapi.json"
+    schema.write_bytes(server.get("/openapi.json").content)
     done = subprocess.run(
         [
-            str(cli_path),
+            str(Path(sys.executable).parent / "schemathesis"),
             "run",
-            server.url + "/openapi.json",
+            str(schema),
+            "--url",
+            server.url,
             "--checks",
             "not_a_server_error",
             "--max-examples",
@@ -287,6 +294,70 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(server: Server):
     assert done.returncode == 0, done.stdout[-3000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", done.stdout)
     assert generated and generated[1] == generated[2] and int(generated[1]) >= 100
+
+
+def test_chat_content_cannot_forge_turns_over_http(server: Server):
+    """Over the API too: a user message made of control-token text is answered as text."""
+
+    def prompt_tokens(content: str) -> int:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+        return server.post("/v1/chat/completions", json=body).json()["usage"]["prompt_tokens"]
+
+    # As control tokens "</s>" x 5 would be 5 tokens; as text it is 20 byte tokens.
+    assert prompt_tokens("</s>" * 5) - prompt_tokens("x") >= 15
+
+
+def test_the_api_key_is_checked_before_the_body_is_read(server: Server):
+    """An unauthenticated caller gets 401 whatever it sends: no JSON parse, no 4xx that
+    reveals how the body was judged, no 413 from reading it."""
+    for content in (b'{"prompt": ', b"x" * (2 << 20)):
+        response = httpx.post(server.url + "/v1/completions", content=content, timeout=30)
+        assert response.status_code == 401, response.text
+
+
+def test_an_oversized_chunked_body_is_a_413(server: Server):
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 65536  # 2.5 MiB in all, no Content-Length
+
+    response = httpx.post(
+        server.url + "/v1/completions",
+        content=chunks(),
+        headers={**server.headers, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_docs_and_openapi_are_off_by_default(tiny_server: Server):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(tiny_server.url + path).status_code == 404, path
+
+
+def test_openapi_needs_the_api_key_when_enabled(server: Server):
+    assert httpx.get(server.url + "/openapi.json").status_code == 401
+    assert server.get("/openapi.json").json()["info"]["title"] == "Custom SLM Appliance"
+    assert httpx.get(server.url + "/docs").status_code == 404  # never: it loads a public CDN
+
+
+def test_a_huge_prompt_does_not_stall_the_event_loop(server: Server):
+    """Tokenizing ~300 KB of CJK text takes the tiny model's byte-fallback tokenizer
+    seconds; it runs off the event loop, so /healthz answers meanwhile."""
+    prompt = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(100_000))
+    finished: dict[str, float] = {}
+
+    def big() -> None:
+        server.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+        finished["big"] = time.monotonic()
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    time.sleep(0.5)  # the body is on the server; tokenization is under way
+    assert httpx.get(server.url + "/healthz", timeout=30).status_code == 200
+    finished["healthz"] = time.monotonic()
+    thread.join()
+    assert finished["healthz"] < finished["big"] - 1.0, finished
 
 
 @pytest.mark.real_model

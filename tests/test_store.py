@@ -55,7 +55,7 @@ def test_install_is_recorded_read_only_and_idempotent(cli, make_bundle):
 
     code, again = cli("release", "install", bundle)
     assert code == 0 and again["installed"] is False
-    assert audit_actions(cli) == ["install"]
+    assert audit_actions(cli) == ["key trust", "install"]
     assert cli("release", "verify", "demo@1.0.0")[0] == 0
 
 
@@ -90,6 +90,25 @@ def test_rejected_bundle_installs_nothing(cli, make_bundle, tmp_path):
     assert not any(appliance_paths().releases_dir.glob("*/*"))
 
 
+def test_install_refuses_a_model_that_aborts_llama_cpp(cli, tmp_path, trusted_key):
+    """A validly signed model that passes our header check but makes llama.cpp abort():
+    the install loads it once in a child process and refuses it (exit 17); nothing lands."""
+    from conftest import write_bundle_dir
+    from tinymodel import write_tiny_gguf
+
+    from appliance.build.builder import build_bundle
+    from appliance.build.spec import load_bundle_spec
+
+    model = write_tiny_gguf(tmp_path / "aborts.gguf", aborts_llama_cpp=True)
+    spec = load_bundle_spec(write_bundle_dir(tmp_path / "src", model))
+    bundle = build_bundle(spec, [trusted_key.signing_key], tmp_path / "out").path
+    code, error = cli("release", "install", bundle)
+    assert code == 17 and "failed the load probe" in error["error"]
+    assert states(cli) == {}
+    assert not any(appliance_paths().staging_dir.iterdir())
+    assert not any(appliance_paths().releases_dir.glob("*/*"))
+
+
 def test_activation_needs_the_gate_or_an_audited_force(cli, run_cli, make_bundle):
     assert cli("release", "install", make_bundle("1.0.0", 1))[0] == 0
     code, error = cli("release", "activate", "demo@1.0.0")
@@ -102,25 +121,23 @@ def test_activation_needs_the_gate_or_an_audited_force(cli, run_cli, make_bundle
     assert row["action"] == "activate --force" and row["reason"] == "test"
 
 
-def test_gate_accepts_a_passing_report_for_this_spec_hash_only(cli, make_bundle):
+def test_a_passing_report_inserted_behind_the_store_never_opens_the_gate(cli, make_bundle):
+    """An attacker with write access to the database adds a passing report for the exact
+    release: the gate ignores it (no audit row records it) and `audit verify` names it."""
     assert cli("release", "install", make_bundle("1.0.0", 1))[0] == 0
     release = cli("release", "show", "demo@1.0.0")[1]
     db = sqlite3.connect(appliance_paths().state_db)
-
-    def report(spec_hash: str, passed: int) -> None:
-        db.execute(
-            "INSERT INTO eval_reports (release_id, spec_hash, host, passed, created, report)"
-            " VALUES (?, ?, ?, ?, '2026-01-01T00:00:00Z', '{}')",
-            [release["id"], spec_hash, host_id(), passed],
-        )
-        db.commit()
-
-    report("f" * 64, 1)  # a passing report, but for another spec
+    db.execute(
+        "INSERT INTO eval_reports (manifest_sha256, spec_hash, host, passed, created, report)"
+        " VALUES (?, ?, ?, 1, '2026-01-01T00:00:00Z', '{}')",
+        [release["manifest_sha256"], release["spec_hash"], host_id()],
+    )
+    db.commit()
     code, error = cli("release", "activate", "demo@1.0.0")
-    assert code == 23 and "another spec hash" in error["error"]
-    report(release["spec_hash"], 1)
-    assert cli("release", "activate", "demo@1.0.0")[0] == 0
-    assert cli("release", "show", "demo@1.0.0")[1]["gate"]["passed"] is True
+    assert code == 23 and "audit log" in error["error"]
+    assert cli("release", "show", "demo@1.0.0")[1]["gate"]["passed"] is False
+    code, error = cli("audit", "verify")
+    assert code == 25 and "eval reports differ" in error["error"]
 
 
 def test_rollback_returns_to_previous_good(cli, make_bundle):
@@ -216,7 +233,7 @@ def test_key_changes_are_audited(cli, run_cli, make_key):
 
 @pytest.fixture
 def audited_store(cli, make_bundle):
-    """A store with six audit rows."""
+    """A store with seven audit rows (the trusted key's, then six changes)."""
     for version, sequence in (("1.0.0", 1), ("2.0.0", 2)):
         assert cli("release", "install", make_bundle(version, sequence))[0] == 0
     force(cli, "demo@1.0.0")
@@ -224,7 +241,7 @@ def audited_store(cli, make_bundle):
     assert cli("release", "freeze", "--reason", "r")[0] == 0
     assert cli("release", "unfreeze")[0] == 0
     code, status = cli("audit", "verify")
-    assert code == 0 and status["rows"] == 6
+    assert code == 0 and status["rows"] == 7
     return sqlite3.connect(appliance_paths().state_db)
 
 
@@ -254,3 +271,54 @@ def test_audit_verify_names_reordered_rows(cli, audited_store):
     audited_store.commit()
     code, error = cli("audit", "verify")
     assert code == 25 and "row 2" in error["error"]
+
+
+STATE_EDITS = {
+    # what an attacker with write access to the database changes behind the store's back
+    "active_release": (
+        "UPDATE state SET active_id = (SELECT id FROM releases WHERE version = '1.0.0')",
+        "active",
+    ),
+    "previous_good": ("UPDATE state SET previous_good_id = NULL", "previous good"),
+    "freeze_lifted": ("UPDATE state SET frozen = 1, frozen_reason = 'x'", "frozen"),
+    "sequence_floor": ("UPDATE sequences SET floor = 0, highest = 1", "sequences"),
+    "release_row": ("DELETE FROM releases WHERE version = '1.0.0'", "releases"),
+    "api_key": (
+        "INSERT INTO api_keys (name, prefix, sha256, created) VALUES ('x', 'sk-x', 'ab', 'now')",
+        "api keys",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(STATE_EDITS))
+def test_audit_verify_names_state_changed_outside_the_log(cli, audited_store, edit):
+    sql, part = STATE_EDITS[edit]
+    audited_store.execute(sql)
+    audited_store.commit()
+    code, error = cli("audit", "verify")
+    assert code == 25, error
+    assert "state changed outside the audit log" in error["error"] and part in error["error"]
+
+
+def test_audit_verify_names_a_trust_store_changed_outside_the_log(cli, audited_store, make_key):
+    from appliance.trust.crypto import load_public_key
+    from appliance.trust.truststore import trust_key
+
+    stranger = make_key("stranger")
+    trust_key(appliance_paths().trust_store, load_public_key(stranger.public.read_bytes()), "x")
+    code, error = cli("audit", "verify")
+    assert code == 25 and "trusted" in error["error"]
+
+
+def test_audit_verify_replays_every_kind_of_change(cli, run_cli, audited_store, make_key):
+    """Every audited operation replays to the live state: no false alarms."""
+    key = make_key("ops")
+    assert run_cli("keys", "trust", key.public).exit_code == 0
+    assert run_cli("keys", "revoke", key.key_id).exit_code == 0
+    created = cli("apikeys", "create", "--name", "ci")[1]
+    assert cli("apikeys", "revoke", created["prefix"])[0] == 0
+    assert cli("release", "rollback", "--reason", "r")[0] == 0
+    assert cli("release", "freeze", "--reason", "incident")[0] == 0
+    assert cli("release", "remove", "demo@2.0.0")[0] == 0
+    code, status = cli("audit", "verify")
+    assert code == 0 and status["state"] == "matches", status

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf.quants import quantize
 
 N_EMBD, N_HEAD, N_LAYER, N_FF, N_CTX = 64, 4, 2, 128, 256
 WORDS = [
@@ -70,9 +71,17 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
 
 
 def write_tiny_gguf(
-    path: Path, seed: int = 0, dtype: type = np.float32, alignment: int | None = None
+    path: Path,
+    seed: int = 0,
+    dtype: type = np.float32,
+    alignment: int | None = None,
+    aborts_llama_cpp: bool = False,
 ) -> Path:
-    """Write the tiny model to path; the same arguments always give the same bytes."""
+    """Write the tiny model to path; the same arguments always give the same bytes.
+
+    `aborts_llama_cpp` stores one norm weight as Q8_0: a well-formed file that passes our
+    header check, and on which llama.cpp's first decode aborts the process ("binary_op:
+    unsupported types"), as a hostile or broken release could."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = vocabulary()
     writer = GGUFWriter(str(path), "llama")
@@ -103,7 +112,12 @@ def write_tiny_gguf(
     writer.add_tensor("token_embd.weight", weight(vocab, N_EMBD))
     for layer in range(N_LAYER):
         prefix = f"blk.{layer}"
-        writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        norm = np.ones(N_EMBD, dtype=np.float32)
+        if aborts_llama_cpp and layer == 0:
+            q8 = GGMLQuantizationType.Q8_0
+            writer.add_tensor(f"{prefix}.attn_norm.weight", quantize(norm, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(f"{prefix}.attn_norm.weight", norm)
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
             writer.add_tensor(f"{prefix}.{name}.weight", weight(N_EMBD, N_EMBD))
         writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))

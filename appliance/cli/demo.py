@@ -14,6 +14,7 @@ from appliance.cli.serve import serve
 from appliance.errors import StoreError
 from appliance.evals.evaluate import evaluate_release, judge_gate, planned_cases
 from appliance.paths import appliance_paths
+from appliance.serve.runtime import probe_release
 from appliance.store.apikeys import create_api_key
 from appliance.store.releases import ReleaseStore
 from appliance.trust.crypto import load_public_key
@@ -65,16 +66,15 @@ def demo(ctx: click.Context, bundle_toml: Path, then_serve: bool, port: int) -> 
         click.echo(f"      wrote {built.path} ({built.path.stat().st_size / 1e6:.1f} MB)")
         _verify(built.path)
         click.echo("[4/6] installing into the release store")
-        installed = store.install(built.path).release
+        installed = store.install(built.path, probe_release).release
         click.echo(f"      installed at {installed.path}")
     else:
         click.echo(f"[2-4/6] {ref} is already installed at {installed.path}")
     db = store.open_db()
-    already_active = store.state(db).active_id == installed.id
+    decision = store.gate(db, installed)
     db.close()
-    if already_active:
-        report = judge_gate(store, ref)
-        click.echo(f"[5/6] eval gate: PASSED earlier ({report['created']})")
+    if decision.passed:
+        click.echo(f"[5/6] eval gate: PASSED earlier ({decision.reason})")
     else:
         _run_gate(store, ref)
     activated, changed = store.activate(ref)

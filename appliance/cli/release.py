@@ -10,6 +10,7 @@ import click
 from appliance.cli.common import emit_json, json_option, progress_bar, want_json_errors
 from appliance.errors import StoreError
 from appliance.paths import appliance_paths
+from appliance.serve.runtime import probe_release
 from appliance.store.releases import Release, ReleaseStore, StoreState
 
 reason_option = click.option("--reason", default="", help="Why; recorded in the audit log.")
@@ -37,7 +38,7 @@ def install(ctx: click.Context, bundle_file: Path, as_json: bool) -> None:
     want_json_errors(ctx, as_json)
     size = bundle_file.stat().st_size if bundle_file.is_file() else 0
     with progress_bar(size, "verifying and installing", enabled=not as_json) as update:
-        result = _store().install(bundle_file, progress=update)
+        result = _store().install(bundle_file, probe_release, progress=update)
     if as_json:
         emit_json(
             {"ok": True, "installed": result.installed, "release": _release_dict(result.release)}

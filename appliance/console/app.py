@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rich.markup import escape
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -231,9 +232,9 @@ class ConsoleApp(App[None]):
 
     def _show_audit(self, snap: Snapshot) -> None:
         status = (
-            f"hash chain intact ({len(snap.audit_rows)} rows shown, newest first)"
+            f"hash chain intact, state matches ({len(snap.audit_rows)} rows shown, newest first)"
             if snap.audit_ok
-            else f"[red]HASH CHAIN BROKEN at {snap.audit_problem}[/red]"
+            else f"[red]AUDIT CHECK FAILED: {escape(snap.audit_problem)}[/red]"
         )
         self.query_one("#audit-status", Static).update(status)
         table = self.query_one("#audit-table", DataTable)

@@ -17,7 +17,7 @@ import httpx
 import psutil
 
 from appliance.paths import AppliancePaths
-from appliance.store import audit
+from appliance.store import audit, ledger
 from appliance.store.db import open_state_db
 from appliance.store.gate import GateDecision
 from appliance.store.releases import Release, ReleaseStore
@@ -84,12 +84,12 @@ def load_snapshot(
         now = time.time()
         stats = window_stats(db, window_seconds, active.ref if active else None, now)
         series = _series(db, now)
-        reports = tuple(_latest_reports(db, by_id))
-        chain = audit.verify_chain(db)
+        reports = tuple(_latest_reports(db, releases))
+        trust = load_trust_store(paths.trust_store)
+        audit_problem = _audit_problem(db, trust)
         audit_rows = tuple(audit.rows(db, limit=200))
     finally:
         db.close()
-    trust = load_trust_store(paths.trust_store)
     keys = tuple(
         {
             "key_id": k.key_id,
@@ -115,8 +115,8 @@ def load_snapshot(
         memory_percent=psutil.virtual_memory().percent,
         reports=reports,
         audit_rows=audit_rows,
-        audit_ok=chain.ok,
-        audit_problem="" if chain.ok else f"row {chain.first_bad_id}: {chain.problem}",
+        audit_ok=not audit_problem,
+        audit_problem=audit_problem,
         keys=keys,
         threshold=trust.threshold,
     )
@@ -163,13 +163,22 @@ def _release_row(release: Release, state, gate: GateDecision) -> ReleaseRow:
     )
 
 
-def _latest_reports(db, by_id: dict[int, Release]):
-    seen = set()
-    for row in db.query("SELECT release_id, report FROM eval_reports ORDER BY id DESC"):
-        if row["release_id"] in seen or row["release_id"] not in by_id:
+def _latest_reports(db, releases: list[Release]):
+    installed, seen = {r.manifest_sha256 for r in releases}, set()
+    for row in db.query("SELECT manifest_sha256, report FROM eval_reports ORDER BY id DESC"):
+        if row["manifest_sha256"] in seen or row["manifest_sha256"] not in installed:
             continue
-        seen.add(row["release_id"])
+        seen.add(row["manifest_sha256"])
         yield json.loads(row["report"])
+
+
+def _audit_problem(db, trust) -> str:
+    """Empty when the hash chain holds and the live state matches what the log records."""
+    chain = audit.verify_chain(db)
+    if not chain.ok:
+        return f"hash chain broken at row {chain.first_bad_id}: {chain.problem}"
+    found = ledger.check_state(db, trust)
+    return f"state changed outside the audit log: {'; '.join(found)}" if found else ""
 
 
 def _series(db, now: float) -> tuple[tuple[float, ...], ...]:

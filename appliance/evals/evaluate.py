@@ -44,21 +44,23 @@ def evaluate_release(
     release, baseline = releases_to_run(store, ref, baseline_ref)
     store.verify_installed(release)  # only verified files are loaded
     spec = load_spec(Path(release.path))
-    if url:
-        run = run_over_http(spec, url, api_key, slots, progress)
+    if url:  # refused unless the service serves exactly these signed bytes
+        run = run_over_http(
+            spec, url, api_key, release.ref, release.manifest_sha256, slots, progress
+        )
     else:
         run = run_in_process(spec, Path(release.path), slots, progress)
     compared = None
     if baseline is not None:
         store.verify_installed(baseline)
         compared = (baseline.ref, run_in_process(spec, Path(baseline.path), slots, progress))
-    report = build_report(spec, run, release.ref, release.spec_hash, host_id(), compared)
+    report = build_report(
+        spec, run, release.ref, release.manifest_sha256, release.spec_hash, host_id(), compared
+    )
     files = write_reports(
         report, store.paths.state_dir / "reports" / release.name / release.version
     )
-    report_id = store.record_eval_report(
-        release, release.spec_hash, report["gate"]["passed"], json.dumps(report)
-    )
+    report_id = store.record_eval_report(release, report["gate"]["passed"], json.dumps(report))
     return Evaluation(report, files, report_id)
 
 

@@ -36,6 +36,7 @@ def build_report(
     spec: EvalSpec,
     run: RunResult,
     release: str,
+    manifest_sha256: str,
     spec_hash: str,
     host: str,
     baseline: tuple[str, RunResult] | None = None,
@@ -47,6 +48,7 @@ def build_report(
     cost = run.cpu_seconds / 3600 * spec.gates.cost_per_cpu_hour
     report: dict[str, Any] = {
         "release": release,
+        "manifest_sha256": manifest_sha256,  # the exact signed content that was measured
         "spec": spec.name,
         "spec_hash": spec_hash,
         "host": host,
@@ -204,6 +206,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Verdict: **{'PASS' if gate['passed'] else 'FAIL'}**",
         f"- Spec: {report['spec']} (`{report['spec_hash'][:16]}`), host `{report['host'][:12]}`,"
         f" {report['created']}",
+        f"- Measured: the signed content with manifest `{report['manifest_sha256']}`",
         f"- Overall: {_fmt_rate(report['overall'])}",
         f"- Latency p50/p95/p99: {_ms(report['latency_ms'])}; time to first token: "
         f"{_ms(report['ttft_ms'])}",

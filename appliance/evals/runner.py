@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import psutil
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, EvalTargetError
 from appliance.evals.scorers import SCORERS
 from appliance.evals.spec import Case, EvalSpec
 from appliance.serve.engine import SamplingParams
-from appliance.serve.runtime import ModelRuntime, ServiceOptions, ServingConfig
+from appliance.serve.runtime import MANIFEST_HEADER, ModelRuntime, ServiceOptions, ServingConfig
 from appliance.serve.scheduler import Event, Generation
 
 Progress = Callable[[int], None]
@@ -124,9 +124,7 @@ def _run_on_runtime(spec: EvalSpec, runtime: ModelRuntime, progress: Progress) -
 
 def _generation(spec: EvalSpec, runtime: ModelRuntime, case: Case) -> Generation:
     if case.messages is not None:
-        text = runtime.chat.render(list(case.messages))
-        bos = runtime.engine.special_token_text("bos")
-        tokens = runtime.engine.tokenize(text, add_special=not (bos and text.startswith(bos)))
+        tokens = runtime.chat.tokens(list(case.messages))
     else:
         tokens = runtime.engine.tokenize(case.prompt or "")
     room = runtime.engine.context_per_slot - len(tokens)
@@ -140,28 +138,58 @@ def _generation(spec: EvalSpec, runtime: ModelRuntime, case: Case) -> Generation
 
 
 def run_over_http(
-    spec: EvalSpec, url: str, api_key: str, concurrency: int = 8, progress: Progress | None = None
+    spec: EvalSpec,
+    url: str,
+    api_key: str,
+    ref: str,
+    manifest_sha256: str,
+    concurrency: int = 8,
+    progress: Progress | None = None,
 ) -> RunResult:
-    """Run against a running service (its active release), streaming to time first tokens.
+    """Run against a running service, streaming to time first tokens. The service must
+    serve exactly this release: /v1/models must list it with this manifest digest before
+    and after the run, and every response must name it; otherwise EvalTargetError.
     CPU time is not visible from here: it is taken as wall time on every local core."""
     progress = progress or (lambda _n: None)
     headers = {"Authorization": f"Bearer {api_key}"}
     start = time.monotonic()
     with httpx.Client(base_url=url, headers=headers, timeout=600) as http:
+        _require_served(http, url, ref, manifest_sha256)
 
         def run(case: Case) -> CaseResult:
-            result = _http_case(http, spec, case)
+            result = _http_case(http, spec, case, ref, manifest_sha256)
             progress(1)
             return result
 
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             results = list(pool.map(run, spec.cases))
+        _require_served(http, url, ref, manifest_sha256)
     wall = time.monotonic() - start
     return RunResult(results, wall, wall * (os.cpu_count() or 1))
 
 
-def _http_case(http: httpx.Client, spec: EvalSpec, case: Case) -> CaseResult:
+def _require_served(http: httpx.Client, url: str, ref: str, manifest_sha256: str) -> None:
+    try:
+        response = http.get("/v1/models")
+        response.raise_for_status()
+        models = response.json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise EvalTargetError(f"cannot list the models served at {url}: {exc}") from exc
+    served = {m.get("id"): m.get("manifest_sha256") for m in models if isinstance(m, dict)}
+    if served.get(ref) != manifest_sha256:
+        listed = ", ".join(f"{k} ({str(v)[:12]})" for k, v in served.items()) or "nothing"
+        raise EvalTargetError(
+            f"the service at {url} serves {listed}, not {ref} ({manifest_sha256[:12]}): "
+            "a report must measure the exact release it gates (activate it there, or run "
+            "the eval in-process without --url)"
+        )
+
+
+def _http_case(
+    http: httpx.Client, spec: EvalSpec, case: Case, ref: str, manifest_sha256: str
+) -> CaseResult:
     body: dict = {
+        "model": ref,
         "max_tokens": spec.max_tokens,
         "temperature": spec.temperature,
         "seed": spec.seed,
@@ -178,6 +206,12 @@ def _http_case(http: httpx.Client, spec: EvalSpec, case: Case) -> CaseResult:
         if response.status_code != 200:
             raise ApplianceError(
                 f"eval case {case.id}: the service answered {response.status_code}"
+            )
+        if response.headers.get(MANIFEST_HEADER) != manifest_sha256:
+            raise EvalTargetError(
+                f"eval case {case.id} was answered by other content than {ref} "
+                f"({response.headers.get(MANIFEST_HEADER, 'unnamed')[:12]}): the service "
+                "switched releases during the run; run it again"
             )
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

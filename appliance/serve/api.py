@@ -3,6 +3,11 @@
 Handlers are thin: validate, render the prompt, submit to the current runtime's
 scheduler, and relay its events as one JSON response or as server-sent events. Every
 error is OpenAI's error JSON with a 4xx status; a 500 never carries internal details.
+
+Before any of that, an ASGI gate checks the API key from the headers alone (no body is read
+for a caller without a key) and caps the body size, chunked bodies included (413).
+Rendering and tokenizing run in a worker thread, so a large prompt never stalls the event
+loop (and with it /healthz).
 """
 
 from __future__ import annotations
@@ -15,16 +20,17 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.serve.chat import ChatTemplateError
 from appliance.serve.engine import SamplingParams
-from appliance.serve.runtime import ModelRuntime
+from appliance.serve.runtime import MANIFEST_HEADER, ModelRuntime
 from appliance.serve.scheduler import Event, Generation, QueueFull
 from appliance.serve.service import Service
 from appliance.store.apikeys import token_matches
@@ -55,14 +61,26 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
 # -- request bodies ------------------------------------------------------------------
 
 
+def _encodable(text: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which no UTF-8 tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text holds a lone surrogate; send valid Unicode") from exc
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -77,7 +95,7 @@ class StreamOptions(BaseModel):
 class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -85,7 +103,7 @@ class GenerationParams(BaseModel):
     top_k: int | None = Field(None, ge=0, le=1000)
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-1, le=2**63 - 1)
-    stop: str | list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=4)
+    stop: Text | list[Annotated[Text, Field(max_length=64)]] | None = Field(None, max_length=4)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
@@ -97,47 +115,36 @@ class ChatRequest(GenerationParams):
 
 
 class CompletionRequest(GenerationParams):
-    prompt: str | list[str] = Field(min_length=0)
+    prompt: Text | list[Text] = Field(min_length=0)
 
 
 # -- the app ---------------------------------------------------------------------------
 
 
 def create_app(service: Service) -> FastAPI:
+    openapi = service.options.serve_openapi
     app = FastAPI(
         title="Custom SLM Appliance",
         version=__version__,
         description="OpenAI-compatible inference on the active signed release.",
+        docs_url=None,  # the interactive docs load scripts from a public CDN: never
+        redoc_url=None,
+        openapi_url="/openapi.json" if openapi else None,
     )
-    app.add_middleware(BodyLimit, max_bytes=service.options.max_body_bytes)
+    app.add_middleware(Gate, service=service)
     _install_error_handlers(app)
-
-    def authorized(request: Request) -> None:
-        if not service.options.require_api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token_matches(token.strip(), service.api_key_hashes):
-            raise ApiError(
-                401,
-                "invalid or missing API key (Authorization: Bearer KEY)",
-                "invalid_request_error",
-                "invalid_api_key",
-            )
 
     def runtime() -> ModelRuntime:
         current = service.runtime()
         if current is None:
             raise ApiError(
                 503,
-                "no verified release is loaded yet",
+                service.load_failure or "no verified release is loaded yet",
                 "server_error",
                 "not_ready",
                 headers={"Retry-After": "5"},
             )
         return current
-
-    auth = [Depends(authorized)]
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
@@ -145,10 +152,14 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     def readyz() -> JSONResponse:
-        current = service.runtime()
+        current, failure = service.runtime(), service.load_failure
         if current is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ready", "release": current.model_id})
+            body = {"status": "not_ready", "reason": failure or "loading the active release"}
+            return JSONResponse(body, status_code=503)
+        body = {"status": "ready", "release": current.model_id}
+        if failure:  # still serving the previous release
+            body["failed_to_load"] = failure
+        return JSONResponse(body)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -157,35 +168,39 @@ def create_app(service: Service) -> FastAPI:
             service.metrics.max_batch.set(current.scheduler.stats.max_sequences_in_step)
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     def models() -> dict[str, Any]:
         current = runtime()
         return {
             "object": "list",
             "data": [
-                {"id": current.model_id, "object": "model", "created": 0, "owned_by": "appliance"}
+                {
+                    "id": current.model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "appliance",
+                    "manifest_sha256": current.manifest_sha256,
+                }
             ],
         }
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         current = runtime()
         messages = [(m.role, m.text()) for m in body.messages]
         try:
-            prompt = current.chat.render(messages)
+            tokens = await run_in_threadpool(current.chat.tokens, messages)
         except ChatTemplateError as exc:
             raise ApiError(400, str(exc)) from exc
-        bos = current.engine.special_token_text("bos")
-        tokens = current.engine.tokenize(prompt, add_special=not (bos and prompt.startswith(bos)))
         return await _generate(service, current, body, tokens, request, "chat.completion")
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         current = runtime()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
-        tokens = current.engine.tokenize(prompts[0])
+        tokens = await run_in_threadpool(current.engine.tokenize, prompts[0])
         return await _generate(service, current, body, tokens, request, "text_completion")
 
     return app
@@ -236,9 +251,16 @@ async def _generate(
         return StreamingResponse(
             relay.sse(include_usage),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
+            headers={"Cache-Control": "no-cache", **_served_by(runtime)},
         )
-    return await relay.whole(request)
+    response = await relay.whole(request)
+    response.headers.update(_served_by(runtime))
+    return response
+
+
+def _served_by(runtime: ModelRuntime) -> dict[str, str]:
+    """Name the signed content that answers (a development model has none)."""
+    return {MANIFEST_HEADER: runtime.manifest_sha256} if runtime.manifest_sha256 else {}
 
 
 class _Relay:
@@ -495,50 +517,73 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over max_bytes with 413, counted as they arrive."""
+class Gate:
+    """ASGI middleware in front of every route: the API key first, judged from the headers
+    alone, so no body of a caller without a key is read or parsed; then the body, read
+    whole up to max_body_bytes (413 beyond it, whether declared or chunked)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, service: Service) -> None:
+        self.app, self.service = app, service
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._too_large(send)
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, counted_receive, send)
-        except _BodyTooLarge:
-            await self._too_large(send)
-
-    async def _too_large(self, send) -> None:
-        body = json.dumps(
-            error_body(
-                f"request body over {self.max_bytes} bytes",
-                "invalid_request_error",
-                "body_too_large",
+        if _needs_key(scope["path"]) and not self._authorized(scope):
+            return await _send_error(
+                send,
+                401,
+                "invalid or missing API key (Authorization: Bearer KEY)",
+                "invalid_api_key",
             )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
+        limit = self.service.options.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _send_error(
+                send, 413, f"request body over {limit} bytes", "body_too_large"
+            )
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await _send_error(
+                    send, 413, f"request body over {limit} bytes", "body_too_large"
+                )
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:  # later calls wait for a disconnect, as the app expects
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    def _authorized(self, scope) -> bool:
+        if not self.service.options.require_api_key:
+            return True
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and token_matches(
+            token.strip(), self.service.api_key_hashes
         )
-        await send({"type": "http.response.body", "body": body})
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _needs_key(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/openapi.json"
+
+
+async def _send_error(send, status: int, message: str, code: str) -> None:
+    body = json.dumps(error_body(message, "invalid_request_error", code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import numpy as np
 from appliance.errors import ApplianceError
 
 DEFAULT_SEED = llama_cpp.LLAMA_DEFAULT_SEED
+_LSTRIP, _RSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP, llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+_ASCII_SPACE = " \t\n\r\v\f"  # what llama.cpp's isspace() strips around such tokens
 
 
 class EngineError(ApplianceError):
@@ -125,23 +129,87 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(config.batch_tokens, 0, 1)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._piece = ctypes.create_string_buffer(256)
+        self._index_control_tokens()
 
     # -- text ------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Tokenize text as text: a literal "<end_of_turn>" in it never becomes a control
+        token (user-defined tokens, which are plain text to the model, still apply)."""
         data = text.encode()
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()
         count = llama_cpp.llama_tokenize(
-            self._vocab, data, len(data), tokens, capacity, add_special, True
+            self._vocab, data, len(data), tokens, capacity, add_special, False
         )
         if count < 0:  # the buffer was too small: -count tokens are needed
             capacity = -count
             tokens = (llama_cpp.llama_token * capacity)()
             count = llama_cpp.llama_tokenize(
-                self._vocab, data, len(data), tokens, capacity, add_special, True
+                self._vocab, data, len(data), tokens, capacity, add_special, False
             )
         return list(tokens[:count])
+
+    def tokenize_template(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
+        """Tokenize a rendered chat prompt given as (text, is_markup) pieces: control tokens
+        come only from the template's markup; message content is always text.
+
+        For benign content this gives exactly what llama.cpp's own special-token parsing of
+        the whole prompt gives: it too splits the text at control tokens and tokenizes each
+        run of text between them on its own (adding a SentencePiece space prefix there).
+        """
+        fragments: list[int | str] = []  # control token ids and runs of text
+        for text, is_markup in pieces:
+            for part in self._split_controls(text) if is_markup else [text]:
+                if isinstance(part, str) and fragments and isinstance(fragments[-1], str):
+                    fragments[-1] += part
+                elif part != "":
+                    fragments.append(part)
+        tokens: list[int] = []
+        for index, fragment in enumerate(fragments):
+            if isinstance(fragment, int):
+                tokens.append(fragment)
+                continue
+            if index > 0 and self._strips(fragments[index - 1], _RSTRIP):
+                fragment = fragment.lstrip(_ASCII_SPACE)
+            if index + 1 < len(fragments) and self._strips(fragments[index + 1], _LSTRIP):
+                fragment = fragment.rstrip(_ASCII_SPACE)
+            tokens.extend(self.tokenize(fragment, add_special=False))
+        bos, eos = llama_cpp.llama_vocab_bos(self._vocab), llama_cpp.llama_vocab_eos(self._vocab)
+        if llama_cpp.llama_vocab_get_add_bos(self._vocab) and tokens[:1] != [bos]:
+            tokens.insert(0, bos)
+        if llama_cpp.llama_vocab_get_add_eos(self._vocab):
+            tokens.append(eos)
+        return tokens
+
+    def _split_controls(self, text: str) -> list[int | str]:
+        if self._controls is None:
+            return [text]
+        split = self._controls.split(text)  # text, control, text, control, ..., text
+        return [self._control_ids[p] if i % 2 else p for i, p in enumerate(split)]
+
+    def _strips(self, fragment: int | str, flag: int) -> bool:
+        return isinstance(fragment, int) and bool(
+            llama_cpp.llama_vocab_get_attr(self._vocab, fragment) & flag
+        )
+
+    def _index_control_tokens(self) -> None:
+        """The control (and unknown) tokens' texts, longest first, as llama.cpp matches them."""
+        wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        self._control_ids: dict[str, int] = {}
+        for token in range(self._n_vocab):
+            if llama_cpp.llama_vocab_get_attr(self._vocab, token) & wanted:
+                text = (llama_cpp.llama_vocab_get_text(self._vocab, token) or b"").decode(
+                    errors="replace"
+                )
+                if text:
+                    self._control_ids.setdefault(text, token)
+        longest_first = sorted(self._control_ids, key=len, reverse=True)
+        self._controls = (
+            re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+            if longest_first
+            else None
+        )
 
     def piece(self, token: int) -> bytes:
         """The bytes a generated token stands for (control tokens render as nothing)."""

@@ -10,7 +10,12 @@ from typing import Any
 
 from appliance.serve.chat import ChatFormatter
 from appliance.serve.engine import Engine, EngineConfig, SamplingParams
+from appliance.serve.probe import probe_model
 from appliance.serve.scheduler import Scheduler
+
+# Every generation response names the signed content that produced it, so a client (the
+# eval runner over --url) can tell exactly which release answered.
+MANIFEST_HEADER = "x-appliance-manifest-sha256"
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,7 @@ class ServiceOptions:
     request_timeout_seconds: float = 300.0
     max_body_bytes: int = 1 << 20
     require_api_key: bool = True
+    serve_openapi: bool = False  # /openapi.json (API key required), for fuzzing the API
     poll_seconds: float = 1.0
     telemetry_retention_days: float = 7.0
 
@@ -46,10 +52,19 @@ class ServingConfig:
         return SamplingParams(**{k: v for k, v in self.sampling.items() if k in fields})
 
 
+def probe_release(release_dir: Path) -> None:
+    """Load a (staged or installed) release's model once in a child process, with its own
+    serving config; raise ModelLoadError if llama.cpp dies on it."""
+    serving = ServingConfig.from_release_dir(release_dir)
+    probe_model(
+        release_dir / "model.gguf", serving.context_size, serving.threads, serving.gpu_layers
+    )
+
+
 @dataclass
 class ModelRuntime:
     model_id: str  # what /v1/models lists: the release NAME@VERSION, or dev:<file>
-    release_id: int | None
+    manifest_sha256: str | None  # the signed content this runtime serves (None: a dev model)
     serving: ServingConfig
     engine: Engine
     scheduler: Scheduler
@@ -59,11 +74,14 @@ class ModelRuntime:
     def load(
         cls,
         model_id: str,
-        release_id: int | None,
+        manifest_sha256: str | None,
         model_path: Path,
         serving: ServingConfig,
         options: ServiceOptions,
     ) -> ModelRuntime:
+        """Probe the model in a child process (ModelLoadError if llama.cpp dies on it), then
+        load it here."""
+        probe_model(model_path, serving.context_size, serving.threads, serving.gpu_layers)
         engine = Engine(
             EngineConfig(
                 model_path=model_path,
@@ -76,7 +94,7 @@ class ModelRuntime:
         scheduler = Scheduler(engine, options.max_queue)
         template = serving.chat_template or engine.chat_template()
         return cls(
-            model_id, release_id, serving, engine, scheduler, ChatFormatter(engine, template)
+            model_id, manifest_sha256, serving, engine, scheduler, ChatFormatter(engine, template)
         )
 
     def close(self) -> None:

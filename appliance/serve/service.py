@@ -1,15 +1,18 @@
 """The inference service's state: which model serves, API keys, telemetry, hot swap.
 
 A watcher thread polls the state database. When the active release changes it loads the
-new release beside the old one (verifying its files first), points new requests at it,
-and lets the old one finish its in-flight requests before freeing it. A release that
-fails to load is logged and skipped; the old one keeps serving.
+new release beside the old one (verifying its files, then probing the model in a child
+process, before this process loads it), points new requests at it, and lets the old one
+finish its in-flight requests before freeing it. A release that fails any of that is
+logged and skipped: the old one keeps serving, and a service with nothing to serve stays
+up, not ready, with the reason in /readyz.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -34,7 +37,8 @@ class Service:
         self._runtime: ModelRuntime | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._failed_release_id: int | None = None
+        self._failed_manifest: str | None = None  # the active release that failed to load
+        self.load_failure: str | None = None  # why it failed, for /readyz and the log
         self.api_key_hashes: tuple[str, ...] = ()
         self.metrics = ServiceMetrics(self._queue_depth, self._busy_slots)
         self.telemetry = TelemetryWriter(
@@ -49,14 +53,13 @@ class Service:
 
     def start(self) -> None:
         if self.dev_model is not None:
-            self._swap(
-                ModelRuntime.load(
-                    f"dev:{self.dev_model.name}",
-                    None,
-                    self.dev_model,
-                    ServingConfig(),
-                    self.options,
-                )
+            model_id = f"dev:{self.dev_model.name}"
+            self._load_and_swap(
+                model_id,
+                None,
+                lambda: ModelRuntime.load(
+                    model_id, None, self.dev_model, ServingConfig(), self.options
+                ),
             )
         db = open_state_db(self.paths.state_db)
         try:
@@ -89,29 +92,39 @@ class Service:
         if self.dev_model is not None:
             return
         active = self.store.release_by_id(db, self.store.state(db).active_id)
-        current = self._runtime.release_id if self._runtime else None
-        if active is None or active.id in (current, self._failed_release_id):
+        current = self._runtime.manifest_sha256 if self._runtime else None
+        if active is None or active.manifest_sha256 == self._failed_manifest:
             return
+        if active.manifest_sha256 == current:  # e.g. rolled back to what still serves
+            self._failed_manifest = self.load_failure = None
+            return
+        self._load_and_swap(active.ref, active.manifest_sha256, lambda: self._load(active))
+
+    def _load_and_swap(
+        self, model_id: str, manifest: str | None, load: Callable[[], ModelRuntime]
+    ) -> None:
+        """Load a runtime and serve it; on any failure keep what serves and say why."""
         try:
-            runtime = self._load_release(active)
+            runtime = load()
         except Exception as exc:
-            self._failed_release_id = active.id
+            self._failed_manifest = manifest
+            self.load_failure = f"{model_id} failed to load: {exc}"
             log.error(
                 "release %s failed to load; still serving %s: %s",
-                active.ref,
+                model_id,
                 self._runtime.model_id if self._runtime else "nothing",
                 exc,
             )
             return
-        self._failed_release_id = None
+        self._failed_manifest, self.load_failure = None, None
         self._swap(runtime)
 
-    def _load_release(self, release: Release) -> ModelRuntime:
+    def _load(self, release: Release) -> ModelRuntime:
         self.store.verify_installed(release)  # ready only with a verified release
         path = Path(release.path)
         return ModelRuntime.load(
             release.ref,
-            release.id,
+            release.manifest_sha256,
             path / "model.gguf",
             ServingConfig.from_release_dir(path),
             self.options,

@@ -38,7 +38,9 @@ def create_api_key(store: ReleaseStore, name: str) -> tuple[dict[str, Any], str]
     }
     with store.admin() as db, db.atomic():
         row["id"] = db["api_keys"].insert(row).last_pk
-        audit.append(db, "apikey create", row["prefix"], details={"name": name})
+        audit.append(
+            db, "apikey create", row["prefix"], details={"name": name, "key_sha256": row["sha256"]}
+        )
     return _public(row), token
 
 
@@ -61,7 +63,13 @@ def revoke_api_key(store: ReleaseStore, key: str, reason: str = "") -> dict[str,
             row["revoked"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             with db.atomic():
                 db["api_keys"].update(row["id"], {"revoked": row["revoked"]})
-                audit.append(db, "apikey revoke", row["prefix"], reason, {"name": row["name"]})
+                audit.append(
+                    db,
+                    "apikey revoke",
+                    row["prefix"],
+                    reason,
+                    {"name": row["name"], "key_sha256": row["sha256"]},
+                )
         return _public(row)
 
 

@@ -13,7 +13,13 @@ from pathlib import Path
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from appliance.errors import ApplianceError
+from appliance.store import audit, ledger
+from appliance.store.gate import spec_hash
 from appliance.telemetry.schema import telemetry_migrations
+from appliance.trust.manifest import parse_statement
+from appliance.trust.signature import parse_signature_file
+from appliance.trust.truststore import TrustStore
 
 
 def open_state_db(path: Path) -> Database:
@@ -118,4 +124,38 @@ def schema_migrations() -> Migrations:
         )
         db["api_keys"].create_index(["sha256"], unique=True)
 
+    @migrations(name="0003_reports_by_manifest")
+    def key_reports_by_manifest(db: Database) -> None:
+        # A report names the signed content it judged; reports from before carry only a row
+        # id that SQLite may have reused, so they stay for the record and never gate again.
+        db["eval_reports"].add_column("manifest_sha256", str)
+        db["eval_reports"].create_index(["manifest_sha256", "host"])
+        # The spec hash now covers serving.json (and every other non-card file) too.
+        for row in list(db.query("SELECT id, path FROM releases")):
+            db["releases"].update(row["id"], {"spec_hash": _installed_spec_hash(Path(row["path"]))})
+
+    @migrations(name="0004_audit_snapshot")
+    def snapshot_state(db: Database) -> None:
+        # `audit verify` replays the log into the state it implies; rows written before they
+        # recorded every detail are summed up by one snapshot of the state as it is now.
+        if db["audit"].count:
+            live = ledger.live_state(db, TrustStore())
+            audit.append(
+                db,
+                ledger.SNAPSHOT_ACTION,
+                "state",
+                "the state when the audit log began to record it in full",
+                live.database_part(),
+            )
+
     return migrations
+
+
+def _installed_spec_hash(release_dir: Path) -> str:
+    """The spec hash of an installed release, from its signed Statement ("" if unreadable:
+    then no report matches it until the release is installed again)."""
+    try:
+        first = sorted((release_dir / "signatures").glob("*.sig"))[0]
+        return spec_hash(parse_statement(parse_signature_file(first.read_bytes()).payload))
+    except (OSError, IndexError, ApplianceError):
+        return ""

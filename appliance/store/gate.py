@@ -1,13 +1,16 @@
 """The activation gate: a release may serve only after its frozen eval spec passed here.
 
-The eval runner (a later issue) writes `eval_reports` rows; this module only asks whether
-a passing report exists for this release, its spec hash and this host. A report made for
-another spec hash or on another host never counts.
+The eval runner writes `eval_reports` rows; this module only asks whether a passing report
+exists for this host and the release's exact signed content: its manifest digest (the
+sha256 of the Statement its signatures cover), never a row id or a name that a removed or
+re-built release could share. A report made on another host, or for another spec hash,
+never counts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from appliance.store.ledger import report_fingerprint
 from appliance.trust.manifest import Manifest
 
 MACHINE_ID = Path("/etc/machine-id")
@@ -28,13 +32,27 @@ class GateDecision:
 
 
 def spec_hash(manifest: Manifest) -> str:
-    """sha256 over the signed eval files (cases, scorers, thresholds, sampling) and the GGUF."""
+    """sha256 over every signed file that changes behaviour: the eval files (cases, scorers,
+    thresholds, sampling), the GGUF, serving.json (chat template, sampling, limits) and any
+    file added later; only the cards (prose) are left out."""
     parts = [
         f"{name}:{entry.sha256}"
         for name, entry in sorted(manifest.files.items())
-        if name.startswith("eval/") or name == "model.gguf"
+        if not name.startswith("cards/")
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _audited(db: Database, row: dict[str, Any]) -> bool:
+    """A report counts only as the store recorded it: its audit row names the same content."""
+    logged = db.query(
+        "SELECT details FROM audit WHERE action = 'eval' AND json_extract(details, '$.report') = ?",
+        [row["id"]],
+    )
+    fingerprint = report_fingerprint(row)
+    return any(
+        {k: json.loads(r["details"]).get(k) for k in fingerprint} == fingerprint for r in logged
+    )
 
 
 def host_id() -> str:
@@ -44,17 +62,23 @@ def host_id() -> str:
         return socket.gethostname()
 
 
-def activation_gate(db: Database, release_id: int, release_spec_hash: str) -> GateDecision:
-    """The one gate rule: the latest report on this host counts, if made for this spec hash."""
+def activation_gate(db: Database, manifest_sha256: str, release_spec_hash: str) -> GateDecision:
+    """The one gate rule: the latest report on this host for these exact signed bytes
+    counts, if it was made for this spec hash."""
     rows = list(
         db.query(
-            "SELECT * FROM eval_reports WHERE release_id = ? AND host = ? ORDER BY id DESC LIMIT 1",
-            [release_id, host_id()],
+            "SELECT * FROM eval_reports WHERE manifest_sha256 = ? AND host = ?"
+            " ORDER BY id DESC LIMIT 1",
+            [manifest_sha256, host_id()],
         )
     )
     if not rows:
         return GateDecision(False, "no eval report for this release on this host")
     row = rows[0]
+    if not _audited(db, row):
+        return GateDecision(
+            False, f"eval report {row['id']} is not the one the audit log records; it never counts"
+        )
     if row["spec_hash"] != release_spec_hash:
         return GateDecision(
             False,

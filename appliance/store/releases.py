@@ -1,11 +1,11 @@
 """Release store operations. Each is one admin operation under the store's lock, and each
 state change is one SQLite transaction that also appends its audit row.
 
-Install: verify while extracting into staging (same filesystem), fsync, make read-only,
-rename into releases/<name>/<version>/, then record it. A crash before the record leaves
-an orphan directory that the next operation removes; a crash after it leaves a complete
-release. Nothing half-installed is ever visible, and the active release never changes
-except by activate or rollback.
+Install: verify while extracting into staging (same filesystem), probe the model in a child
+process, fsync, make read-only, rename into releases/<name>/<version>/, then record it. A
+crash before the record leaves an orphan directory that the next operation removes; a crash
+after it leaves a complete release. Nothing half-installed is ever visible, and the active
+release never changes except by activate or rollback.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from appliance.errors import (
     UsageError,
 )
 from appliance.paths import AppliancePaths
-from appliance.store import audit
+from appliance.store import audit, ledger
 from appliance.store.db import open_state_db
 from appliance.store.faults import fault_point
 from appliance.store.gate import GateDecision, activation_gate, host_id, spec_hash
@@ -54,6 +54,9 @@ from appliance.trust.truststore import (
 from appliance.trust.verify import VerifiedBundle, verify_bundle, verify_directory
 
 Progress = Callable[[int], None]
+# Loads a staged release's model in a child process and raises if llama.cpp dies on it. The
+# store sits below the engine, so the caller hands it in (appliance.serve.runtime.probe_release).
+ModelProbe = Callable[[Path], None]
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ class ReleaseStore:
         )
 
     def gate(self, db: Database, release: Release) -> GateDecision:
-        return activation_gate(db, release.id, release.spec_hash)
+        return activation_gate(db, release.manifest_sha256, release.spec_hash)
 
     def verify_installed(self, release: Release) -> VerifiedBundle:
         """Re-verify an installed release's files and signatures against the trust store."""
@@ -177,13 +180,17 @@ class ReleaseStore:
             finally:
                 db.close()
 
-    def install(self, bundle: Path, progress: Progress | None = None) -> InstallResult:
+    def install(
+        self, bundle: Path, probe: ModelProbe, progress: Progress | None = None
+    ) -> InstallResult:
+        """Verify, probe and install a bundle (inactive); `probe` loads its model once in a
+        child process, so a model that crashes llama.cpp is refused here."""
         with self.admin() as db:
             trust = load_trust_store(self.paths.trust_store)
             self.paths.staging_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=self.paths.staging_dir, prefix="install-"))
             try:
-                return self._install(db, bundle, trust, staging / "release", progress)
+                return self._install(db, bundle, trust, staging / "release", probe, progress)
             except _AlreadyInstalled as done:
                 return InstallResult(done.release, installed=False)
             except OSError as exc:
@@ -193,7 +200,7 @@ class ReleaseStore:
             finally:
                 _remove_tree(staging)
 
-    def _install(self, db, bundle, trust, staging: Path, progress) -> InstallResult:
+    def _install(self, db, bundle, trust, staging: Path, probe, progress) -> InstallResult:
         def on_chunk(n: int) -> None:
             if progress:
                 progress(n)
@@ -207,6 +214,7 @@ class ReleaseStore:
             on_manifest=lambda m: self._check_installable(db, m),
         )
         fault_point("install.after_extract")
+        probe(staging)
         manifest = verified.manifest
         _seal(staging)
         target = self.paths.releases_dir / manifest.release.name / manifest.release.version
@@ -224,6 +232,7 @@ class ReleaseStore:
                 manifest.release.ref,
                 details={
                     "sequence": manifest.release.sequence,
+                    "min_sequence": manifest.release.min_sequence,
                     "signers": list(verified.signers),
                     "manifest_sha256": row["manifest_sha256"],
                 },
@@ -278,7 +287,11 @@ class ReleaseStore:
                     "activate --force" if force else "activate",
                     ref,
                     reason,
-                    {"from": previous.ref if previous else None, "gate": decision.reason},
+                    {
+                        "from": previous.ref if previous else None,
+                        "gate": decision.reason,
+                        "manifest_sha256": release.manifest_sha256,
+                    },
                 )
                 fault_point("activate.in_transaction")
             fault_point("activate.after_commit")
@@ -296,7 +309,14 @@ class ReleaseStore:
             with db.atomic():
                 self._set_state(db, active_id=target.id, previous_good_id=None)
                 audit.append(
-                    db, "rollback", target.ref, reason, {"from": current.ref if current else None}
+                    db,
+                    "rollback",
+                    target.ref,
+                    reason,
+                    {
+                        "from": current.ref if current else None,
+                        "manifest_sha256": target.manifest_sha256,
+                    },
                 )
                 fault_point("rollback.in_transaction")
             fault_point("rollback.after_commit")
@@ -328,31 +348,47 @@ class ReleaseStore:
                 raise StoreError(f"{ref} is the previous good release, kept for rollback")
             with db.atomic():
                 db["releases"].delete(release.id)
-                audit.append(db, "remove", ref, reason, {"sequence": release.sequence})
+                # Its reports go with it: they judged bytes that are no longer here.
+                dropped = db.execute(
+                    "DELETE FROM eval_reports WHERE manifest_sha256 = ?",
+                    [release.manifest_sha256],
+                ).rowcount
+                audit.append(
+                    db,
+                    "remove",
+                    ref,
+                    reason,
+                    {
+                        "sequence": release.sequence,
+                        "manifest_sha256": release.manifest_sha256,
+                        "reports_dropped": dropped,
+                    },
+                )
             fault_point("remove.after_commit")
             _remove_tree(Path(release.path))  # a crash here leaves an orphan that _recover removes
             return release
 
-    def record_eval_report(
-        self, release: Release, spec_hash: str, passed: bool, report_json: str
-    ) -> int:
-        """Store an eval report for this host (the activation gate reads it) and audit it."""
+    def record_eval_report(self, release: Release, passed: bool, report_json: str) -> int:
+        """Store an eval report for this host and the release's exact signed content (the
+        activation gate reads it) and audit it."""
+        row = {
+            "manifest_sha256": release.manifest_sha256,
+            "spec_hash": release.spec_hash,
+            "host": host_id(),
+            "passed": int(passed),
+            "created": _now(),
+            "report": report_json,
+        }
         with self.admin() as db, db.atomic():
-            report_id = (
-                db["eval_reports"]
-                .insert(
-                    {
-                        "release_id": release.id,
-                        "spec_hash": spec_hash,
-                        "host": host_id(),
-                        "passed": int(passed),
-                        "created": _now(),
-                        "report": report_json,
-                    }
-                )
-                .last_pk
+            if self.release_by_id(db, release.id) != release:
+                raise StoreError(f"{release.ref} was removed or replaced during the eval")
+            report_id = db["eval_reports"].insert(row).last_pk
+            audit.append(
+                db,
+                "eval",
+                release.ref,
+                details={"report": report_id, **ledger.report_fingerprint(row)},
             )
-            audit.append(db, "eval", release.ref, details={"report": report_id, "passed": passed})
             return report_id
 
     def trust_key(self, public_key: PublicKey, name: str) -> TrustedKey:
