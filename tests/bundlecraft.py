@@ -6,6 +6,7 @@ bundle, change it the way an attacker would, and write it out again with tarfile
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ class Member:
     type: bytes = tarfile.REGTYPE
     linkname: str = ""
     size: int | None = None  # a header size that differs from len(data)
+    pax_headers: dict[str, str] | None = None  # extra pax records written before the header
 
 
 def read_members(path: Path) -> list[Member]:
@@ -40,6 +42,7 @@ def write_members(path: Path, members: list[Member], fmt: int = tarfile.PAX_FORM
             info = tarfile.TarInfo(member.name)
             info.type, info.linkname = member.type, member.linkname
             info.mode = 0o644
+            info.pax_headers = dict(member.pax_headers or {})
             if member.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
                 info.size = len(member.data) if member.size is None else member.size
                 content = None if member.size is not None else io.BytesIO(member.data)
@@ -53,13 +56,26 @@ def content(members: list[Member]) -> dict[str, bytes]:
     return {m.name: m.data for m in members if not m.name.startswith("signatures/")}
 
 
-def signed_bundle(path: Path, files: dict[str, bytes], keys: list[SigningKey]) -> Path:
-    """A validly signed bundle of exactly these files (which may be hostile)."""
-    import hashlib
+CRAFTED_RELEASE = ReleaseMetadata("crafted", "1.0.0", 1, 0, "2026-01-01T00:00:00Z", "0" * 64, "F32")
 
+
+def signed_bundle(
+    path: Path,
+    files: dict[str, bytes],
+    keys: list[SigningKey],
+    release: ReleaseMetadata = CRAFTED_RELEASE,
+) -> Path:
+    """A validly signed bundle of exactly these files (which may be hostile)."""
     entries = {n: FileEntry(hashlib.sha256(d).hexdigest(), len(d)) for n, d in files.items()}
-    release = ReleaseMetadata("crafted", "1.0.0", 1, 0, "2026-01-01T00:00:00Z", "0" * 64, "F32")
     payload = statement_bytes(Manifest(release, entries))
+    return bundle_signing(path, payload, files, keys)
+
+
+def bundle_signing(
+    path: Path, payload: bytes, files: dict[str, bytes], keys: list[SigningKey]
+) -> Path:
+    """A bundle of these files whose signatures (one per key) sign exactly this payload,
+    which may be any Statement at all."""
     signatures = [
         Member(f"signatures/{i:02d}.sig", sign_payload(payload, k)) for i, k in enumerate(keys)
     ]

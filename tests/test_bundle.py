@@ -173,6 +173,44 @@ def test_bad_bundle_toml_is_a_clear_usage_error(run_cli, tmp_path, trusted_key, 
     assert "sequence" in result.output
 
 
+@pytest.mark.parametrize(
+    ("attack", "old", "new", "reason"),
+    [
+        ("sequence_beyond_int64", "sequence = 1 ", f"sequence = {1 << 63} ", "release.sequence"),
+        ("name_with_newline", 'name = "demo"', 'name = "demo\\n"', "release name"),
+        ("name_with_control_character", 'name = "demo"', 'name = "demo\\u001b"', "release name"),
+        ("version_with_newline", 'version = "1.0.0"', 'version = "1.0.0\\n"', "version"),
+        (
+            "version_with_control_character",
+            'version = "1.0.0"',
+            'version = "1.0\\u0000"',
+            "version",
+        ),
+    ],
+)
+def test_bundle_toml_refuses_hostile_release_fields(
+    run_cli, tmp_path, trusted_key, tiny_gguf, attack, old, new, reason
+):
+    toml = write_bundle_dir(tmp_path / "src", tiny_gguf)
+    assert old in toml.read_text()
+    toml.write_text(toml.read_text().replace(old, new, 1))
+    result = run_cli("bundle", "build", toml, "--key", trusted_key.private, "--out", tmp_path)
+    assert result.exit_code == 3, attack
+    assert reason in result.output
+
+
+def test_bundle_toml_refuses_golden_set_name_with_newline(
+    run_cli, tmp_path, trusted_key, tiny_gguf
+):
+    toml = write_bundle_dir(tmp_path / "src", tiny_gguf)
+    golden = tmp_path / "src" / "eval" / "golden"
+    (golden / "facts.jsonl").rename(golden / "facts.jsonl\n")
+    toml.write_text(toml.read_text().replace('golden/facts.jsonl"', 'golden/facts.jsonl\\n"'))
+    result = run_cli("bundle", "build", toml, "--key", trusted_key.private, "--out", tmp_path)
+    assert result.exit_code == 3
+    assert "golden set file name" in result.output
+
+
 def test_unpack_leaves_nothing_when_verification_fails(run_cli, tiny_bundle, tmp_path):
     data = bytearray(tiny_bundle.read_bytes())
     data[len(data) // 2] ^= 0x01

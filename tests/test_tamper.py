@@ -6,19 +6,34 @@ met, 13 hash or size mismatch, 14 unsafe archive, 15 bad GGUF, 16 unreadable inp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
-from bundlecraft import Member, content, read_members, replaced, signed_bundle, write_members
+from bundlecraft import (
+    CRAFTED_RELEASE,
+    Member,
+    bundle_signing,
+    content,
+    read_members,
+    replaced,
+    signed_bundle,
+    write_members,
+)
 from conftest import write_bundle_dir
+from gguf import GGUFWriter
 from test_bundle import SIGNED_FILES
 from tinymodel import write_tiny_gguf
 
 from appliance.build.builder import build_bundle
 from appliance.build.spec import load_bundle_spec
+from appliance.trust.manifest import FileEntry, Manifest, statement_bytes
+from appliance.trust.signature import parse_signature_file, sign_payload
 
 
 @pytest.fixture
@@ -43,6 +58,24 @@ def members(tiny_bundle):
 
 def rewrite(tmp_path: Path, members: list[Member]) -> Path:
     return write_members(tmp_path / "attacked.tar", members)
+
+
+def resigned(members: list[Member], key) -> bytes:
+    """A fresh signature file over the bundle's own signed Statement."""
+    return sign_payload(parse_signature_file(members[0].data).payload, key.signing_key)
+
+
+def written(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "attacked.tar"
+    path.write_bytes(data)
+    return path
+
+
+def member_end(path: Path, index: int) -> int:
+    """Where the member after this one starts (for the last one: the end marker)."""
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[index]
+    return member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def test_untouched_bundle_verifies(verify, tiny_bundle):
@@ -130,9 +163,18 @@ def test_signature_removed(verify, members, tmp_path):
     assert "not signed" in message
 
 
-def test_signature_after_content(verify, members, tmp_path):
-    code, _ = verify(rewrite(tmp_path, members[1:] + members[:1]))
+def test_content_before_signature(verify, members, tmp_path):
+    code, message = verify(rewrite(tmp_path, members[1:] + members[:1]))
     assert code == 10
+    assert "not signed" in message
+
+
+def test_signature_after_content(verify, members, tmp_path, trusted_key):
+    """Signed first as it should be, then a fresh valid signature after the content."""
+    late = Member("signatures/01.sig", resigned(members, trusted_key))
+    code, message = verify(rewrite(tmp_path, [*members, late]))
+    assert code == 10
+    assert "signatures/01.sig after bundle content" in message
 
 
 def test_signed_by_untrusted_key(verify, tiny_bundle_toml, make_key, tmp_path, trusted_key):
@@ -159,11 +201,16 @@ def test_threshold_not_met(verify, run_cli, tiny_bundle, make_key):
     assert "requires 2" in message
 
 
-def test_one_keys_signature_counted_twice(verify, run_cli, members, make_key, tmp_path):
+def test_one_keys_signature_counted_twice(
+    verify, run_cli, members, make_key, tmp_path, trusted_key
+):
+    """A second, fresh signature by the same key: ECDSA signatures differ each time, so
+    only counting signers by key id (not by signature bytes) stops it."""
     make_key("second").trust()
     assert run_cli("keys", "threshold", "2").exit_code == 0
-    duplicate = Member("signatures/01.sig", members[0].data)
-    code, message = verify(rewrite(tmp_path, [members[0], duplicate, *members[1:]]))
+    again = Member("signatures/01.sig", resigned(members, trusted_key))
+    assert again.data != members[0].data
+    code, message = verify(rewrite(tmp_path, [members[0], again, *members[1:]]))
     assert code == 12
     assert "1 distinct" in message
 
@@ -291,3 +338,283 @@ def test_empty_trust_store_refuses(verify, tiny_bundle, appliance_home):
     code, message = verify(tiny_bundle)
     assert code == 11
     assert "holds no keys" in message
+
+
+# -- the end of the archive -------------------------------------------------------------
+
+
+def test_data_after_end_marker(verify, tiny_bundle, tmp_path):
+    code, message = verify(written(tmp_path, tiny_bundle.read_bytes() + b"hidden"))
+    assert code == 14
+    assert "after the end of the archive" in message
+
+
+def test_member_hidden_after_end_marker(verify, tiny_bundle, tmp_path):
+    """A second tar appended: `tar --ignore-zeros` would extract its member."""
+    extra = write_members(tmp_path / "extra.tar", [Member("run.sh", b"#!/bin/sh\n")])
+    code, message = verify(written(tmp_path, tiny_bundle.read_bytes() + extra.read_bytes()))
+    assert code == 14
+    assert "after the end of the archive" in message
+
+
+def test_junk_block_instead_of_end_marker(verify, tiny_bundle, tmp_path):
+    """tarfile takes any invalid header after the first member for the end of the archive."""
+    data, end = tiny_bundle.read_bytes(), member_end(tiny_bundle, -1)
+    attacked = data[:end] + b"x" * tarfile.BLOCKSIZE + data[end + tarfile.BLOCKSIZE :]
+    code, message = verify(written(tmp_path, attacked))
+    assert code == 14
+    assert "after the end of the archive" in message
+
+
+def test_unpack_with_data_after_end_marker_leaves_nothing(run_cli, tiny_bundle, tmp_path):
+    """The end is judged after the content was written to staging: staging must go."""
+    attacked = written(tmp_path, tiny_bundle.read_bytes() + b"hidden")
+    result = run_cli("bundle", "unpack", attacked, "--out", tmp_path / "files")
+    assert result.exit_code == 14
+    assert not (tmp_path / "files").exists()
+    assert not list(tmp_path.glob(".files*"))
+
+
+def test_missing_end_marker(verify, tiny_bundle, tmp_path):
+    end = member_end(tiny_bundle, -1)
+    code, message = verify(written(tmp_path, tiny_bundle.read_bytes()[:end]))
+    assert code == 13
+    assert "truncated" in message
+
+
+def test_end_marker_without_record_padding_verifies(verify, tiny_bundle, tmp_path):
+    end = member_end(tiny_bundle, -1)
+    data = tiny_bundle.read_bytes()[: end + 2 * tarfile.BLOCKSIZE]
+    assert verify(written(tmp_path, data)) == (0, "verified")
+
+
+def test_megabytes_of_zeros_after_end_marker(verify, tiny_bundle, tmp_path):
+    code, message = verify(written(tmp_path, tiny_bundle.read_bytes() + bytes(2 << 20)))
+    assert code == 14
+    assert "after the archive's end" in message
+
+
+# -- tar headers that break tarfile's parser -------------------------------------------
+
+
+def test_malformed_pax_sparse_header(verify, members, tmp_path):
+    """A pax 1.0 sparse header whose map is not a number: tarfile raises ValueError."""
+    sparse = Member(
+        "model.gguf",
+        b"not a number" * 64,
+        pax_headers={
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.name": "model.gguf",
+            "GNU.sparse.realsize": "1024",
+        },
+    )
+    code, message = verify(rewrite(tmp_path, [members[0], sparse, *members[1:]]))
+    assert code == 14
+    assert "malformed tar header" in message
+
+
+def _pax_header_block() -> bytes:
+    info = tarfile.TarInfo("pax")
+    info.type, record = tarfile.XHDTYPE, b"13 comment=a\n"
+    info.size = len(record)
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + record.ljust(tarfile.BLOCKSIZE, b"\0")
+
+
+def test_chain_of_pax_headers(verify, tiny_bundle, tmp_path):
+    """Thousands of pax headers in a row: tarfile recurses once per header."""
+    data, after_signature = tiny_bundle.read_bytes(), member_end(tiny_bundle, 0)
+    chain = _pax_header_block() * 3000
+    code, message = verify(
+        written(tmp_path, data[:after_signature] + chain + data[after_signature:])
+    )
+    assert code == 14
+    assert "malformed tar header" in message
+
+
+def test_negative_member_size(verify, tiny_bundle, tmp_path):
+    """tarfile accepts a negative base-256 size, which would undercount the size caps."""
+    info = tarfile.TarInfo("eval/golden/extra.jsonl")
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[124:136] = tarfile.itn(-512, 12, tarfile.GNU_FORMAT)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    data, after_signature = tiny_bundle.read_bytes(), member_end(tiny_bundle, 0)
+    code, message = verify(
+        written(tmp_path, data[:after_signature] + header + data[after_signature:])
+    )
+    assert code == 14
+    assert "negative size" in message
+
+
+# -- signed statements with hostile values ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attack", "changes", "reason"),
+    [
+        ("sequence_beyond_int64", {"sequence": 1 << 63}, "sequence exceeds"),
+        ("min_sequence_beyond_int64", {"min_sequence": 1 << 63}, "min_sequence exceeds"),
+        ("min_sequence_above_sequence", {"sequence": 2, "min_sequence": 3}, "exceeds sequence"),
+        ("name_with_newline", {"name": "demo\n"}, "invalid name"),
+        ("name_with_control_character", {"name": "demo\x1b"}, "invalid name"),
+        ("version_with_newline", {"version": "1.0.0\n"}, "invalid version"),
+        ("version_with_control_character", {"version": "1.0\x00"}, "invalid version"),
+    ],
+)
+def test_hostile_signed_release_metadata(
+    verify, members, tmp_path, trusted_key, attack, changes, reason
+):
+    release = replace(CRAFTED_RELEASE, **changes)
+    files = content(members)
+    bundle = signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key], release)
+    code, message = verify(bundle)
+    assert code == 10, attack
+    assert reason in message
+
+
+def test_crafted_release_metadata_verifies(verify, members, tmp_path, trusted_key):
+    release = replace(CRAFTED_RELEASE, sequence=(1 << 63) - 1, name="demo", version="1.0.0")
+    files = content(members)
+    bundle = signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key], release)
+    assert verify(bundle) == (0, "verified")
+
+
+def test_install_refuses_sequence_beyond_int64(run_cli, members, tmp_path, trusted_key):
+    """Such a sequence used to pass verification and crash in SQLite with a traceback."""
+    release = replace(CRAFTED_RELEASE, sequence=1 << 63)
+    files = content(members)
+    bundle = signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key], release)
+    result = run_cli("release", "install", bundle, "--json")
+    assert result.exit_code == 10, result.output
+    assert "sequence exceeds" in json.loads(result.stdout)["error"]
+
+
+def test_signed_file_name_with_newline(verify, members, tmp_path, trusted_key):
+    files = {**content(members), "eval/golden/extra.jsonl\n": b"{}\n"}
+    code, message = verify(signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key]))
+    assert code == 10
+    assert "bad or duplicate file" in message
+
+
+def test_signed_digest_with_newline(verify, members, tmp_path, trusted_key):
+    files = content(members)
+    entries = {n: FileEntry(hashlib.sha256(d).hexdigest(), len(d)) for n, d in files.items()}
+    entries["serving.json"] = replace(
+        entries["serving.json"], sha256=entries["serving.json"].sha256 + "\n"
+    )
+    payload = statement_bytes(Manifest(CRAFTED_RELEASE, entries))
+    bundle = bundle_signing(tmp_path / "c.tar", payload, files, [trusted_key.signing_key])
+    code, message = verify(bundle)
+    assert code == 10
+    assert "bad or duplicate file" in message
+
+
+# -- GGUF metadata that aborts llama.cpp -------------------------------------------------
+
+TINY_HPARAMS = {
+    "block_count": 2,
+    "context_length": 256,
+    "embedding_length": 64,
+    "attention.head_count": 4,
+    "attention.head_count_kv": 4,
+}
+
+
+def gguf_with(path: Path, tokens: tuple[str, ...] = ("<unk>", "a", "b"), **hparams) -> bytes:
+    """A small llama GGUF with the tiny model's hyperparameters, changed by `hparams`
+    (a value of None drops the key; a list is written as an array)."""
+    writer = GGUFWriter(str(path), "llama")
+    for name, value in {**TINY_HPARAMS, **hparams}.items():
+        key = f"llama.{name}"
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        elif value is not None and 0 <= value < 1 << 32:
+            writer.add_uint32(key, value)
+        elif value is not None:
+            writer.add_int64(key, value)
+    writer.add_token_list(list(tokens))
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+HOSTILE_HPARAMS = {
+    "no_layers": ({"block_count": 0}, "block_count"),
+    "too_many_layers": ({"block_count": 513}, "block_count"),
+    "negative_layers": ({"block_count": -1}, "block_count"),
+    "block_count_missing": ({"block_count": None}, "block_count"),
+    "block_count_as_array": ({"block_count": [2, 2]}, "block_count"),
+    "nextn_layers_beyond_layers": ({"nextn_predict_layers": 3}, "nextn_predict_layers"),
+    "zero_context": ({"context_length": 0}, "context_length"),
+    "huge_context": ({"context_length": 1 << 40}, "context_length"),
+    "zero_embedding": ({"embedding_length": 0}, "embedding_length"),
+    "more_kv_heads_than_heads": ({"attention.head_count_kv": 8}, "key/value heads"),
+    "kv_heads_not_dividing_heads": ({"attention.head_count_kv": 3}, "key/value heads"),
+    "no_kv_heads_for_attention": ({"attention.head_count_kv": 0}, "key/value heads"),
+    "too_many_experts": ({"expert_count": 2048, "expert_used_count": 2}, "expert_count"),
+    "more_experts_used_than_exist": (
+        {"expert_count": 8, "expert_used_count": 9},
+        "expert_used_count",
+    ),
+    "experts_but_none_used": ({"expert_count": 8}, "uses none"),
+    "experts_used_without_experts": ({"expert_used_count": 2}, "expert_used_count"),
+    "expert_groups_not_dividing": (
+        {
+            "expert_count": 8,
+            "expert_used_count": 2,
+            "expert_group_count": 3,
+            "expert_group_used_count": 1,
+        },
+        "groups",
+    ),
+    "unknown_rope_scaling": ({"rope.scaling.type": "quadratic"}, "rope scaling"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE_HPARAMS))
+def test_gguf_hyperparameters_that_abort_llama_cpp(verify, members, tmp_path, trusted_key, attack):
+    hparams, reason = HOSTILE_HPARAMS[attack]
+    model = gguf_with(tmp_path / "hostile.gguf", **hparams)
+    files = {**content(members), "model.gguf": model}
+    code, message = verify(signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key]))
+    assert code == 15, message
+    assert reason in message
+
+
+def test_gguf_vocabulary_with_a_token_twice(verify, members, tmp_path, trusted_key):
+    model = gguf_with(tmp_path / "hostile.gguf", tokens=("<unk>", "a", "b", "a"))
+    files = {**content(members), "model.gguf": model}
+    code, message = verify(signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key]))
+    assert code == 15
+    assert "token 'a' twice" in message
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {},
+        {"expert_count": 8, "expert_used_count": 2},
+        {
+            "expert_count": 8,
+            "expert_used_count": 2,
+            "expert_group_count": 4,
+            "expert_group_used_count": 2,
+        },
+        {"attention.head_count": 0, "attention.head_count_kv": None},  # recurrent: no heads
+        {"attention.head_count_kv": 1, "rope.scaling.type": "yarn"},
+        {"attention.head_count_kv": [4, 0]},  # per layer: llama.cpp checks arrays itself
+    ],
+)
+def test_gguf_with_plausible_hyperparameters_verifies(
+    verify, members, tmp_path, trusted_key, hparams
+):
+    model = gguf_with(tmp_path / "plausible.gguf", **hparams)
+    files = {**content(members), "model.gguf": model}
+    bundle = signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key])
+    assert verify(bundle) == (0, "verified")

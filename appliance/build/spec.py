@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import UsageError
-from appliance.trust.manifest import NAME_PATTERN, VERSION_PATTERN
+from appliance.trust.manifest import MAX_SEQUENCE, NAME_PATTERN, VERSION_PATTERN
 
 EMBEDDED_MODELS = ("gemma3-270m-q4_k_m",)
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
@@ -60,9 +60,9 @@ def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
     base = path.parent
     release, model, cards, evals = raw["release"], raw["model"], raw["cards"], raw["eval"]
     name, version = str(release["name"]), str(release["version"])
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise UsageError(f"{path}: release name {name!r} must match {NAME_PATTERN.pattern}")
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise UsageError(f"{path}: version {version!r} must match {VERSION_PATTERN.pattern}")
     sequence = _int(release["sequence"], "release.sequence", minimum=1)
     min_sequence = _int(release.get("min_sequence", 0), "release.min_sequence", minimum=0)
@@ -82,7 +82,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
     template = serving_raw.pop("chat_template", None)
     golden = tuple(_existing(base, g) for g in evals["golden"])
     for g in golden:
-        if not _GOLDEN_NAME.match(g.name):
+        if not _GOLDEN_NAME.fullmatch(g.name):
             raise UsageError(
                 f"{path}: golden set file name {g.name!r} must match {_GOLDEN_NAME.pattern}"
             )
@@ -114,8 +114,11 @@ def _existing(base: Path, relative: str) -> Path:
 
 
 def _int(value: object, what: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UsageError(f"{what} must be an integer >= {minimum}")
+    """An integer from minimum to MAX_SEQUENCE (what SQLite stores; TOML parses bigger)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UsageError(f"{what} must be an integer")
+    if not minimum <= value <= MAX_SEQUENCE:
+        raise UsageError(f"{what} must be from {minimum} to {MAX_SEQUENCE}")
     return value
 
 

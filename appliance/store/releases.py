@@ -110,7 +110,7 @@ class _AlreadyInstalled(Exception):
 
 def parse_ref(ref: str) -> tuple[str, str]:
     name, sep, version = ref.partition("@")
-    if not sep or not NAME_PATTERN.match(name) or not VERSION_PATTERN.match(version):
+    if not sep or not NAME_PATTERN.fullmatch(name) or not VERSION_PATTERN.fullmatch(version):
         raise UsageError(f"expected NAME@VERSION, got {ref!r}")
     return name, version
 

@@ -20,6 +20,7 @@ MODEL_FILE = "model.gguf"
 MAX_SIGNATURES = 16
 GIB = 1 << 30
 
+# Matched with fullmatch: "$" would also accept a name with a trailing newline.
 _CONTENT_NAME = re.compile(
     r"^(serving\.json|model\.gguf|cards/(model|data)-card\.md|eval/spec\.toml"
     r"|eval/golden/[a-z0-9][a-z0-9_-]{0,63}\.jsonl)$"
@@ -38,11 +39,11 @@ class ArchiveLimits:
 
 def is_allowed_file_name(name: str) -> bool:
     """True for the names a content file (not a signature) may have in a bundle."""
-    return bool(_CONTENT_NAME.match(name))
+    return _CONTENT_NAME.fullmatch(name) is not None
 
 
 def is_signature_name(name: str) -> bool:
-    return bool(_SIGNATURE_NAME.match(name))
+    return _SIGNATURE_NAME.fullmatch(name) is not None
 
 
 def is_allowed_directory(name: str) -> bool:
@@ -57,6 +58,8 @@ def classify_member(info: tarfile.TarInfo, limits: ArchiveLimits) -> str:
     """Return "dir", "signature" or "file" for a safe member; raise UnsafeArchiveError."""
     name = info.name
     _check_name_shape(name)
+    if info.size < 0:  # tarfile accepts a negative base-256 size; it would undercount caps
+        raise UnsafeArchiveError(f"negative size in archive header: {name!r}")
     if info.issym() or info.islnk():
         raise UnsafeArchiveError(f"link in archive: {name!r} -> {info.linkname!r}")
     if info.isdir():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -30,8 +30,14 @@ class PublicKey:
         return hashlib.sha256(self.pem).hexdigest()
 
     def verify(self, signature: bytes, message: bytes) -> bool:
-        key = serialization.load_pem_public_key(self.pem)
-        assert isinstance(key, ec.EllipticCurvePublicKey)
+        """True only for a valid ECDSA P-256 / SHA-256 signature by this key. Fails closed:
+        a key that does not parse or is not P-256 verifies nothing (it never asserts)."""
+        try:
+            key = serialization.load_pem_public_key(self.pem)
+        except (ValueError, UnsupportedAlgorithm):
+            return False
+        if not _is_p256(key):
+            return False
         try:
             key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
@@ -94,15 +100,18 @@ def load_public_key(pem: bytes) -> PublicKey:
     """Parse a PEM public key, require ECDSA P-256, and return it in canonical SPKI PEM."""
     try:
         key = serialization.load_pem_public_key(pem)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise UsageError(f"not a PEM public key: {exc}") from exc
     _require_p256(key)
     return PublicKey(_spki_pem(key))
 
 
+def _is_p256(key: object) -> bool:
+    return isinstance(getattr(key, "curve", None), ec.SECP256R1)
+
+
 def _require_p256(key: object) -> None:
-    curve = getattr(key, "curve", None)
-    if not isinstance(curve, ec.SECP256R1):
+    if not _is_p256(key):
         raise UsageError("only ECDSA P-256 keys are supported")
 
 

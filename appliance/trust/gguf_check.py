@@ -4,6 +4,11 @@ llama.cpp's GGUF parser has a history of memory-safety bugs on hostile headers, 
 count, length, type, shape and offset is checked here against fixed bounds and the real
 file size. Only the header bytes are needed (the caller passes the first bytes of the
 file and its total size); tensor data is never read.
+
+The model's hyperparameters get cheap semantic checks too: llama.cpp aborts the whole
+process (GGML_ASSERT) rather than refusing a file on values such as zero layers, too many
+experts or duplicate vocabulary entries. These checks are not a proof that llama.cpp
+loads the file; a load in a child process is.
 """
 
 from __future__ import annotations
@@ -26,6 +31,16 @@ MAX_ARRAY_ITEMS = 1 << 24
 MAX_DIMS = 4
 MAX_ALIGNMENT = 1 << 16
 DEFAULT_ALIGNMENT = 32
+# Hyperparameter bounds. The first two are llama.cpp's own limits (LLAMA_MAX_LAYERS and
+# LLAMA_MAX_EXPERTS in src/llama-hparams.h), which it enforces by aborting.
+MAX_LAYERS = 512
+MAX_EXPERTS = 1024
+MAX_EMBEDDING = 1 << 20
+MAX_CONTEXT = 1 << 24
+MAX_HEADS = 1 << 14
+MAX_VOCAB = 1 << 20
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+TOKENS_KEY = "tokenizer.ggml.tokens"
 
 _SCALARS = {
     GGUFValueType.UINT8: "<B",
@@ -55,6 +70,14 @@ class GGUFSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class _Array:
+    """A metadata array: its contents are not kept, only what the bounds checks need."""
+
+    item_type: GGUFValueType
+    count: int
 
 
 class _Cursor:
@@ -105,6 +128,7 @@ def check_gguf_header(head: bytes, file_size: int) -> GGUFSummary:
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFError("GGUF has no general.architecture")
+    _check_hyperparameters(metadata, arch)
     context = metadata.get(f"{arch}.context_length")
     return GGUFSummary(
         version=version,
@@ -124,29 +148,101 @@ def _read_metadata(cursor: _Cursor, n_kv: int) -> dict[str, Any]:
         key = cursor.string()
         if key in metadata:
             raise GGUFError(f"duplicate GGUF key {key!r}")
-        metadata[key] = _read_value(cursor, _value_type(cursor.scalar("<I")), depth=0)
+        vtype = _value_type(cursor.scalar("<I"))
+        if vtype == GGUFValueType.ARRAY:
+            metadata[key] = _read_array(cursor, unique_strings=key == TOKENS_KEY)
+        elif vtype == GGUFValueType.STRING:
+            metadata[key] = cursor.string()
+        else:
+            metadata[key] = cursor.scalar(_SCALARS[vtype])
     return metadata
 
 
-def _read_value(cursor: _Cursor, vtype: GGUFValueType, depth: int) -> Any:
-    if vtype == GGUFValueType.STRING:
-        return cursor.string()
-    if vtype != GGUFValueType.ARRAY:
-        return cursor.scalar(_SCALARS[vtype])
-    if depth > 0:
-        raise GGUFError("nested GGUF arrays are not accepted")
+def _read_array(cursor: _Cursor, unique_strings: bool) -> _Array:
     item_type = _value_type(cursor.scalar("<I"))
     count = cursor.scalar("<Q")
     if count > MAX_ARRAY_ITEMS:
         raise GGUFError(f"GGUF array length {count} exceeds {MAX_ARRAY_ITEMS}")
     if item_type == GGUFValueType.ARRAY:
         raise GGUFError("nested GGUF arrays are not accepted")
-    if item_type == GGUFValueType.STRING:
+    if item_type != GGUFValueType.STRING:
+        cursor.take(count * struct.calcsize(_SCALARS[item_type]))
+    elif not unique_strings:
         for _ in range(count):
             cursor.string()
     else:
-        cursor.take(count * struct.calcsize(_SCALARS[item_type]))
-    return count  # array contents are not needed by any check; only their bounds
+        _read_vocabulary(cursor, count)
+    return _Array(item_type, count)
+
+
+def _read_vocabulary(cursor: _Cursor, count: int) -> None:
+    """llama.cpp aborts on a vocabulary with a token twice (its id maps differ in size)."""
+    if count > MAX_VOCAB:
+        raise GGUFError(f"GGUF vocabulary of {count} tokens exceeds {MAX_VOCAB}")
+    seen: set[str] = set()
+    for index in range(count):
+        token = cursor.string() or f"[EMPTY_{index}]"  # llama.cpp's name for an empty token
+        if token in seen:
+            raise GGUFError(f"GGUF vocabulary holds the token {token[:40]!r} twice")
+        seen.add(token)
+
+
+def _check_hyperparameters(metadata: dict[str, Any], arch: str) -> None:
+    """The values llama.cpp asserts on while loading (it aborts instead of refusing)."""
+    layers = _integer(metadata, f"{arch}.block_count", 1, MAX_LAYERS, required=True)
+    _integer(metadata, f"{arch}.nextn_predict_layers", 0, layers)
+    _integer(metadata, f"{arch}.context_length", 1, MAX_CONTEXT)
+    _integer(metadata, f"{arch}.embedding_length", 1, MAX_EMBEDDING)
+    _check_heads(metadata, arch)
+    _check_experts(metadata, arch)
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "linear")
+    if scaling not in ROPE_SCALING_TYPES:
+        raise GGUFError(f"GGUF rope scaling type {scaling!r} is not one of {ROPE_SCALING_TYPES}")
+
+
+def _check_heads(metadata: dict[str, Any], arch: str) -> None:
+    # 0 attention heads is how recurrent models (mamba, rwkv) say they have none.
+    heads = _integer(metadata, f"{arch}.attention.head_count", 0, MAX_HEADS, per_layer=True)
+    kv_heads = _integer(metadata, f"{arch}.attention.head_count_kv", 0, MAX_HEADS, per_layer=True)
+    if heads is None or kv_heads is None:
+        return
+    if kv_heads > heads or (heads and (kv_heads == 0 or heads % kv_heads)):
+        raise GGUFError(f"GGUF has {kv_heads} key/value heads for {heads} attention heads")
+
+
+def _check_experts(metadata: dict[str, Any], arch: str) -> None:
+    experts = _integer(metadata, f"{arch}.expert_count", 0, MAX_EXPERTS) or 0
+    used_key = f"{arch}.expert_used_count"
+    used = _integer(metadata, used_key, 0, experts, per_layer=True)
+    if experts and (used == 0 or used_key not in metadata):
+        raise GGUFError(f"GGUF has {experts} experts but {used_key} uses none of them")
+    groups = _integer(metadata, f"{arch}.expert_group_count", 0, max(0, experts - 1)) or 0
+    if groups > 1:
+        _integer(metadata, f"{arch}.expert_group_used_count", 1, groups - 1, required=True)
+        if experts % groups:
+            raise GGUFError(f"GGUF {experts} experts do not split into {groups} groups")
+
+
+def _integer(
+    metadata: dict[str, Any],
+    key: str,
+    low: int,
+    high: int,
+    *,
+    required: bool = False,
+    per_layer: bool = False,
+) -> int | None:
+    """A scalar integer metadata value within [low, high], or None where it is absent (or,
+    for per-layer values, an array: llama.cpp checks an array's length itself)."""
+    value = metadata.get(key)
+    if value is None and not required:
+        return None
+    if per_layer and isinstance(value, _Array):
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        shown = "an array" if isinstance(value, _Array) else repr(value)
+        raise GGUFError(f"GGUF {key!r} is {shown}; it must be an integer from {low} to {high}")
+    return value
 
 
 def _value_type(raw: int) -> GGUFValueType:

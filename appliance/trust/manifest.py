@@ -19,6 +19,9 @@ from appliance.trust.archive import SIGNATURE_DIR, is_allowed_file_name
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 METADATA_FORMAT = 1
+# Sequences are stored as SQLite INTEGERs: signed 64-bit.
+MAX_SEQUENCE = (1 << 63) - 1
+# Validate with fullmatch: "$" also matches before a trailing newline ("demo\n").
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -121,7 +124,7 @@ def _parse(statement: dict[str, Any]) -> Manifest:
             and is_allowed_file_name(name)
             and resource["algorithm"] == "sha256"
             and isinstance(digest, str)
-            and _HEX64.match(digest)
+            and _HEX64.fullmatch(digest)
         )
         if not valid or name in files:
             raise SignatureError(f"signed statement lists a bad or duplicate file: {name!r}")
@@ -134,12 +137,14 @@ def _parse(statement: dict[str, Any]) -> Manifest:
     release = ReleaseMetadata(
         name=_matching(meta["name"], NAME_PATTERN, "name"),
         version=_matching(meta["version"], VERSION_PATTERN, "version"),
-        sequence=_non_negative_int(meta["sequence"], "sequence"),
-        min_sequence=_non_negative_int(meta["min_sequence"], "min_sequence"),
+        sequence=_sequence(meta["sequence"], "sequence"),
+        min_sequence=_sequence(meta["min_sequence"], "min_sequence"),
         created=str(meta["created"]),
         source_model_sha256=str(meta["source_model_sha256"]),
         quant_type=str(meta["quant_type"]),
     )
+    if release.min_sequence > release.sequence:
+        raise SignatureError("signed statement: min_sequence exceeds sequence")
     return Manifest(release, files)
 
 
@@ -157,7 +162,14 @@ def _non_negative_int(value: object, what: str) -> int:
     return value
 
 
+def _sequence(value: object, what: str) -> int:
+    number = _non_negative_int(value, what)
+    if number > MAX_SEQUENCE:
+        raise SignatureError(f"signed statement: {what} exceeds {MAX_SEQUENCE}")
+    return number
+
+
 def _matching(value: object, pattern: re.Pattern[str], what: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise SignatureError(f"signed statement: invalid {what} {value!r}")
     return value

@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.errors import KeyStoreError, UsageError
-from appliance.trust.crypto import PublicKey
+from appliance.trust.crypto import PublicKey, load_public_key
 
 FORMAT_VERSION = 1
+_KEY_FIELDS = frozenset({"key_id", "name", "pem", "added", "revoked"})
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,64 @@ class TrustStore:
 
 
 def load_trust_store(path: Path) -> TrustStore:
-    """Read the store; a missing file is an empty store with threshold 1."""
+    """Read and validate the store; a missing file is an empty store with threshold 1.
+
+    The file is checked on every load, because every check after it relies on it: a
+    hand-edited or corrupted store is refused (KeyStoreError), never half-trusted.
+    """
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         return TrustStore()
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read trust store {path}: {exc}") from exc
-    if raw.get("format") != FORMAT_VERSION:
-        raise UsageError(f"trust store {path} has an unknown format")
-    keys = {k["key_id"]: TrustedKey(**k) for k in raw["keys"]}
-    return TrustStore(threshold=int(raw["threshold"]), keys=keys)
+        raise KeyStoreError(f"cannot read trust store {path}: {_one_line(exc)}") from exc
+    try:
+        return _parse_store(raw)
+    except _InvalidStore as exc:
+        raise KeyStoreError(f"trust store {path} is invalid: {exc}") from exc
+
+
+class _InvalidStore(Exception):
+    """One reason why a trust store file cannot be used."""
+
+
+def _parse_store(raw: object) -> TrustStore:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
+        raise _InvalidStore("unknown format")
+    if set(raw) != {"format", "threshold", "keys"} or not isinstance(raw["keys"], list):
+        raise _InvalidStore("expected exactly the fields format, threshold and keys (a list)")
+    keys: dict[str, TrustedKey] = {}
+    for entry in raw["keys"]:
+        key = _parse_key(entry)
+        # Ids are derived from the key material, so unique ids mean distinct keys.
+        if key.key_id in keys:
+            raise _InvalidStore(f"key {key.key_id[:16]} is listed twice")
+        keys[key.key_id] = key
+    threshold = raw["threshold"]
+    if not _is_int(threshold) or not 1 <= threshold <= max(1, len(keys)):
+        raise _InvalidStore(
+            f"threshold {threshold!r} must be an integer from 1 to the number of keys ({len(keys)})"
+        )
+    return TrustStore(threshold=threshold, keys=keys)
+
+
+def _parse_key(entry: object) -> TrustedKey:
+    if not isinstance(entry, dict) or set(entry) != _KEY_FIELDS:
+        raise _InvalidStore(
+            f"a key entry needs exactly the fields {', '.join(sorted(_KEY_FIELDS))}"
+        )
+    label = repr(str(entry["key_id"])[:16])
+    texts_ok = all(isinstance(entry[f], str) for f in ("key_id", "name", "pem", "added"))
+    revoked = entry["revoked"]
+    if not texts_ok or not (revoked is None or (isinstance(revoked, str) and revoked)):
+        raise _InvalidStore(f"key {label} has a field of the wrong type")
+    try:
+        canonical = load_public_key(entry["pem"].encode())  # ECDSA P-256 only
+    except UsageError as exc:
+        raise _InvalidStore(f"key {label}: {_one_line(exc)}") from exc
+    if entry["key_id"] != canonical.key_id:
+        raise _InvalidStore(f"key id {label} is not the sha256 of its public key")
+    return TrustedKey(**{**entry, "pem": canonical.pem.decode()})
 
 
 def trust_key(path: Path, public_key: PublicKey, name: str) -> TrustedKey:
@@ -89,9 +137,16 @@ def revoke_key(path: Path, key_id_prefix: str) -> TrustedKey:
 
 
 def set_threshold(path: Path, threshold: int) -> TrustStore:
-    if threshold < 1:
-        raise UsageError("the threshold must be at least 1")
+    if not _is_int(threshold) or threshold < 1:
+        raise UsageError("the threshold must be an integer of at least 1")
     with _locked_update(path) as (store, commit):
+        active = sum(1 for key in store.keys.values() if key.revoked is None)
+        # A threshold no set of trusted keys can meet locks every release out; 1 stays
+        # allowed on a store without keys (it is the default there).
+        if threshold > max(1, active):
+            raise KeyStoreError(
+                f"threshold {threshold} exceeds the {active} unrevoked trusted key(s)"
+            )
         updated = replace(store, threshold=threshold)
         commit(updated)
         return updated
@@ -139,6 +194,14 @@ def _write_atomically(path: Path, store: TrustStore) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def _now() -> str:

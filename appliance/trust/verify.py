@@ -7,8 +7,10 @@ The checklist, in order:
      trusted, unrevoked keys signed it;
   4. every following member is a safe archive entry (archive.classify_member), is listed
      in the signed manifest, has the signed size and sha256, and appears once;
-  5. no signed file is missing;
-  6. the GGUF header passes our own bounded check (only after its hash matched).
+  5. the archive ends cleanly: after the last member only zero bytes (the end marker of at
+     least two blocks and the record padding), so nothing hides behind the end;
+  6. no signed file is missing;
+  7. the GGUF header passes our own bounded check (only after its hash matched).
 Content is hashed as it streams by; with `extract_to` it is also written there, but the
 caller must treat that directory as untrusted until this function returns.
 """
@@ -21,6 +23,7 @@ import os
 import shutil
 import stat
 import tarfile
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +58,17 @@ from appliance.trust.signature import (
 from appliance.trust.truststore import TrustStore
 
 Progress = Callable[[int], None]
+# After the last member: a two-block end marker, then zeros up to a whole record (10 KiB
+# by default; 1 MiB allows any usual blocking factor), and nothing else.
+END_MARKER_BYTES = 2 * tarfile.BLOCKSIZE
+MAX_TRAILER_BYTES = 1 << 20
+# tarfile reads ahead by up to a record; keeping the last few records read lets the
+# verifier see the bytes after the end that tarfile already took from the file.
+TAIL_KEEP_BYTES = 4 * tarfile.RECORDSIZE
+# Besides TarError, tarfile's header parser raises these on hostile headers: ValueError
+# (a pax 1.0 sparse map that is not a number), IndexError, RecursionError (a long chain
+# of pax headers).
+_HOSTILE_HEADER_ERRORS = (ValueError, LookupError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -86,7 +100,7 @@ def verify_bundle(
         raise UnreadableInputError(f"cannot read {path}: {exc.strerror}") from exc
     with source:
         verifier = _StreamVerifier(trust, limits or ArchiveLimits(), extract_to, progress)
-        return verifier.run(source, on_manifest or (lambda _m: None))
+        return verifier.run(_CountingReader(source), on_manifest or (lambda _m: None))
 
 
 def unpack_bundle(
@@ -159,6 +173,34 @@ def _raise(error: OSError) -> None:
     raise error
 
 
+class _CountingReader:
+    """The input as tarfile reads it: counts the bytes and keeps the last ones, so the
+    verifier judges the very bytes it read, including those after the archive's end."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.consumed = 0
+        self._tail: deque[bytes] = deque()
+        self._tail_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.consumed += len(data)
+        self._tail.append(data)
+        self._tail_bytes += len(data)
+        while self._tail_bytes - len(self._tail[0]) >= TAIL_KEEP_BYTES:
+            self._tail_bytes -= len(self._tail.popleft())
+        return data
+
+    def bytes_from(self, offset: int, at_most: int) -> bytes:
+        """The input from `offset` (read already, or not yet) on, at most `at_most` bytes."""
+        buffered = self.consumed - offset
+        if not 0 <= buffered <= self._tail_bytes:  # never expected; refuse rather than guess
+            raise UnsafeArchiveError("cannot check the bytes after the archive's end")
+        kept = b"".join(self._tail)[self._tail_bytes - buffered :]
+        return kept + self.read(max(0, at_most - len(kept)))
+
+
 class _StreamVerifier:
     def __init__(
         self,
@@ -173,12 +215,16 @@ class _StreamVerifier:
         self.members = 0
         self.total_bytes = 0
 
-    def run(self, source: BinaryIO, on_manifest: Callable[[Manifest], None]) -> VerifiedBundle:
+    def run(
+        self, source: _CountingReader, on_manifest: Callable[[Manifest], None]
+    ) -> VerifiedBundle:
         # 1. A plain tar, read forward only.
         try:
             tar = tarfile.open(fileobj=source, mode="r|")  # noqa: SIM115 - entered below
         except tarfile.TarError as exc:
             raise UnreadableInputError(f"not a plain tar archive: {exc}") from exc
+        except _HOSTILE_HEADER_ERRORS as exc:
+            raise UnsafeArchiveError(f"malformed tar header: {_short(exc)}") from exc
         with tar:
             members = self._members(tar)
             # 2. + 3. Leading signatures, checked before any content is read.
@@ -187,11 +233,13 @@ class _StreamVerifier:
             on_manifest(manifest)
             # 4. Every content member against the manifest.
             hashed, gguf_head = self._hash_content(tar, members, first_content, manifest)
-        # 5. Nothing missing.
+            # 5. Only the end marker and zero padding after the last member.
+            _check_archive_end(source, end=tar.offset)
+        # 6. Nothing missing.
         missing = sorted(set(manifest.files) - hashed)
         if missing:
             raise IntegrityError(f"signed file missing from the bundle: {', '.join(missing)}")
-        # 6. Our GGUF header check, on bytes whose hash already matched.
+        # 7. Our GGUF header check, on bytes whose hash already matched.
         gguf = check_gguf_header(gguf_head, manifest.files[MODEL_FILE].size)
         return VerifiedBundle(manifest, signers, ignored, gguf, signature_files)
 
@@ -203,6 +251,8 @@ class _StreamVerifier:
                 if self.members == 0:
                     raise UnreadableInputError(f"not a plain tar archive: {exc}") from exc
                 raise IntegrityError(f"archive is truncated or corrupt: {exc}") from exc
+            except _HOSTILE_HEADER_ERRORS as exc:
+                raise UnsafeArchiveError(f"malformed tar header: {_short(exc)}") from exc
             if info is None:
                 return
             self.members += 1
@@ -240,7 +290,7 @@ class _StreamVerifier:
         gguf_head = b""
         for kind, info in itertools.chain([("file", first)], members):
             if kind == "signature":
-                raise UnsafeArchiveError(f"signature entry {info.name} after bundle content")
+                raise SignatureError(f"signature entry {info.name} after bundle content")
             expected = manifest.files.get(info.name)
             if expected is None:
                 raise IntegrityError(f"file not in the signed manifest: {info.name}")
@@ -297,6 +347,22 @@ class _StreamVerifier:
         target.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         return os.fdopen(os.open(target, flags, 0o644), "wb")
+
+
+def _check_archive_end(source: _CountingReader, end: int) -> None:
+    """tarfile stops at the first zero block, or at any bad header after the first member;
+    what follows must be nothing but zeros, or a member could hide behind the end."""
+    trailer = source.bytes_from(end, MAX_TRAILER_BYTES + 1)
+    if trailer.count(0) != len(trailer):
+        raise UnsafeArchiveError(f"data after the end of the archive (at byte {end})")
+    if len(trailer) > MAX_TRAILER_BYTES:
+        raise UnsafeArchiveError(f"more than {MAX_TRAILER_BYTES} bytes after the archive's end")
+    if len(trailer) < END_MARKER_BYTES:
+        raise IntegrityError("archive is truncated: it has no end-of-archive marker")
+
+
+def _short(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def check_signatures(
