@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import click
 
+from appliance.errors import HostError
 from appliance.paths import appliance_paths
 from appliance.serve.egress import install_egress_guard
 from appliance.serve.runtime import ServiceOptions
@@ -18,9 +20,20 @@ from appliance.trust.gguf_check import MAX_HEADER_BYTES, check_gguf_header
     "--host",
     default="127.0.0.1",
     show_default=True,
-    help="Address to listen on (loopback by default).",
+    help="Address to listen on (loopback by default); unused under socket activation.",
 )
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port to listen on; unused under socket activation.",
+)
+@click.option(
+    "--require-socket-activation",
+    is_flag=True,
+    help="Refuse to start unless systemd passed a listening socket (appliance.socket).",
+)
 @click.option(
     "--model",
     "model",
@@ -50,6 +63,30 @@ from appliance.trust.gguf_check import MAX_HEADER_BYTES, check_gguf_header
     help="Seconds a request may take, queueing included.",
 )
 @click.option(
+    "--read-timeout",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    envvar="APPLIANCE_READ_TIMEOUT",
+    show_envvar=True,
+    help="Seconds a client has to send a whole request (head and body) from its first byte;"
+    " slower clients are disconnected.",
+)
+@click.option(
+    "--idle-timeout",
+    default=15.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    envvar="APPLIANCE_IDLE_TIMEOUT",
+    show_envvar=True,
+    help="Seconds a connection may stay open with no request under way.",
+)
+@click.option(
+    "--openapi",
+    is_flag=True,
+    help="Serve /openapi.json (API key required), e.g. to fuzz the API; off by default.",
+)
+@click.option(
     "--insecure-no-auth",
     is_flag=True,
     help="Serve without API keys (development on a trusted host only).",
@@ -61,9 +98,17 @@ def serve(
     slots: int,
     max_queue: int,
     timeout: float,
+    require_socket_activation: bool,
+    read_timeout: float,
+    idle_timeout: float,
+    openapi: bool,
     insecure_no_auth: bool,
 ) -> None:
     """Serve the active release (hot-swapping on activate and rollback) on HOST:PORT.
+
+    Under systemd socket activation (LISTEN_PID is this process and LISTEN_FDS >= 1, as
+    appliance.socket arranges) it serves on the listening socket passed as fd 3 instead,
+    and HOST and PORT are unused: the service can then run with PrivateNetwork=yes.
 
     Endpoints: /v1/chat/completions, /v1/completions, /v1/models (API key required),
     /healthz, /readyz, /metrics. Outbound network access is blocked in this process.
@@ -73,23 +118,39 @@ def serve(
     if model is not None:  # our header check runs before llama.cpp sees the file
         with open(model, "rb") as f:
             check_gguf_header(f.read(MAX_HEADER_BYTES), model.stat().st_size)
-    from appliance.serve.http import serve_forever  # heavy imports only for this command
+    # Heavy imports only for this command.
+    from appliance.serve.http import serve_forever, systemd_listen_socket
     from appliance.serve.service import Service
 
+    # Before the service starts any child process: they must not inherit LISTEN_*.
+    listener = systemd_listen_socket()
+    if listener is None and require_socket_activation:
+        raise HostError("systemd passed no listening socket; start appliance.socket")
     options = ServiceOptions(
         slots=slots,
         max_queue=max_queue,
         request_timeout_seconds=timeout,
         require_api_key=not insecure_no_auth,
+        serve_openapi=openapi,
     )
     service = Service(appliance_paths(), options, dev_model=model)
     service.start()
-    click.echo(
-        f"serving {service.runtime().model_id if service.runtime() else 'nothing yet'}"
-        f" on http://{host}:{port}",
-        err=True,
-    )
+    where = f"http://{host}:{port}" if listener is None else _describe(listener)
+    model_id = service.runtime().model_id if service.runtime() else "nothing yet"
+    click.echo(f"serving {model_id} on {where}", err=True)
     try:
-        serve_forever(service, host, port)
+        serve_forever(
+            service,
+            host,
+            port,
+            listener=listener,
+            read_timeout=read_timeout,
+            idle_timeout=idle_timeout,
+        )
     finally:
         service.close()
+
+
+def _describe(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"fd {listener.fileno()} from systemd (http://{host}:{port})"
