@@ -153,7 +153,7 @@ if [ "$SYSTEM_INSTALL" = 1 ]; then
     chown -R appliance:appliance /var/lib/appliance
     if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
         systemctl daemon-reload
-        say "enable the service with: systemctl enable --now appliance.service"
+        say "enable the service with: systemctl enable --now appliance.socket appliance.service"
     fi
 fi
 say "done: $OPT/current/venv/bin/appliance --version"
