@@ -18,7 +18,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -26,7 +25,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from serving import free_port  # noqa: E402 - the tests' helpers, on the path just above
+from serving import start_server  # noqa: E402 - the tests' helpers, on the path just above
 from tinymodel import write_tiny_gguf  # noqa: E402
 
 
@@ -41,18 +40,19 @@ def main() -> int:
         home = Path(work) / "home"
         env = {**os.environ, "APPLIANCE_HOME": str(home)}
         model = args.model or write_tiny_gguf(Path(work) / "tiny.gguf")
-        key = json.loads(_appliance(env, "apikeys", "create", "--name", "fuzz", "--json"))["key"]
-        port = free_port()
-        command = [sys.executable, "-m", "appliance", "serve", "--model", str(model)]
-        command += ["--port", str(port), "--openapi"]
-        with open(Path(work) / "serve.log", "w") as log:
-            server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        created = subprocess.run(
+            [sys.executable, "-m", "appliance", "apikeys", "create", "--name", "fuzz", "--json"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        key = json.loads(created.stdout)["key"]
+        server = start_server(home, "--model", str(model), "--openapi")
         try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_ready(url)
             schema = Path(work) / "openapi.json"
             headers = {"Authorization": f"Bearer {key}"}
-            schema.write_bytes(httpx.get(url + "/openapi.json", headers=headers).content)
+            schema.write_bytes(httpx.get(server.url + "/openapi.json", headers=headers).content)
             print(f"fuzz_api: seed {seed}, {args.max_examples} examples per operation", flush=True)
             done = subprocess.run(
                 [
@@ -60,7 +60,7 @@ def main() -> int:
                     "run",
                     str(schema),
                     "--url",
-                    url,
+                    server.url,
                     "--checks",
                     "not_a_server_error",
                     "--max-examples",
@@ -74,28 +74,10 @@ def main() -> int:
                 ]
             )
         finally:
-            server.terminate()
-            server.wait(30)
+            server.stop()
         if done.returncode != 0:
             print(f"fuzz_api: FAILED; replay with --seed {seed}", file=sys.stderr)
         return done.returncode
-
-
-def _appliance(env: dict[str, str], *args: str) -> str:
-    command = [sys.executable, "-m", "appliance", *args]
-    return subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-
-
-def _wait_ready(url: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"fuzz_api: the service at {url} did not become ready")
 
 
 if __name__ == "__main__":
