@@ -14,7 +14,7 @@ from appliance.cli.serve import serve
 from appliance.errors import StoreError
 from appliance.evals.evaluate import evaluate_release, judge_gate, planned_cases
 from appliance.paths import appliance_paths
-from appliance.serve.runtime import probe_release
+from appliance.serve.probe import probe_release
 from appliance.store.apikeys import create_api_key
 from appliance.store.releases import ReleaseStore
 from appliance.trust.crypto import load_public_key

@@ -10,7 +10,7 @@ import click
 from appliance.cli.common import emit_json, json_option, progress_bar, want_json_errors
 from appliance.errors import StoreError
 from appliance.paths import appliance_paths
-from appliance.serve.runtime import probe_release
+from appliance.serve.probe import probe_release
 from appliance.store.releases import Release, ReleaseStore, StoreState
 
 reason_option = click.option("--reason", default="", help="Why; recorded in the audit log.")

@@ -10,8 +10,8 @@ import click
 
 from appliance.errors import HostError
 from appliance.paths import appliance_paths
+from appliance.serve.config import ServiceOptions
 from appliance.serve.egress import install_egress_guard
-from appliance.serve.runtime import ServiceOptions
 from appliance.trust.gguf_check import MAX_HEADER_BYTES, check_gguf_header
 
 

@@ -19,8 +19,8 @@ import psutil
 from appliance.errors import ApplianceError, EvalTargetError
 from appliance.evals.scorers import SCORERS
 from appliance.evals.spec import Case, EvalSpec
-from appliance.serve.engine import SamplingParams
-from appliance.serve.runtime import MANIFEST_HEADER, ModelRuntime, ServiceOptions, ServingConfig
+from appliance.serve.config import MANIFEST_HEADER, SamplingParams, ServiceOptions, ServingConfig
+from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, Generation
 
 Progress = Callable[[int], None]

@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -29,9 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
 from appliance.serve.chat import ChatTemplateError
-from appliance.serve.engine import SamplingParams
-from appliance.serve.runtime import MANIFEST_HEADER, ModelRuntime
-from appliance.serve.scheduler import Event, Generation, QueueFull
+from appliance.serve.config import MANIFEST_HEADER, SamplingParams
+from appliance.serve.runtime import ModelRuntime
+from appliance.serve.scheduler import Event, Generation, QueueFull, Unloading
 from appliance.serve.service import Service
 from appliance.store.apikeys import token_matches
 from appliance.telemetry.writer import RequestRecord
@@ -186,24 +186,49 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        current = runtime()
         messages = [(m.role, m.text()) for m in body.messages]
-        try:
-            tokens = await run_in_threadpool(current.chat.tokens, messages)
-        except ChatTemplateError as exc:
-            raise ApiError(400, str(exc)) from exc
-        return await _generate(service, current, body, tokens, request, "chat.completion")
+
+        def prepare(current: ModelRuntime) -> list[int]:
+            try:
+                return current.chat.tokens(messages)
+            except ChatTemplateError as exc:
+                raise ApiError(400, str(exc)) from exc
+
+        return await _serve(service, runtime, prepare, body, request, "chat.completion")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        current = runtime()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
-        tokens = await run_in_threadpool(current.engine.tokenize, prompts[0])
-        return await _generate(service, current, body, tokens, request, "text_completion")
+
+        def prepare(current: ModelRuntime) -> list[int]:
+            return current.engine.tokenize(prompts[0])
+
+        return await _serve(service, runtime, prepare, body, request, "text_completion")
 
     return app
+
+
+async def _serve(
+    service: Service,
+    runtime: Callable[[], ModelRuntime],
+    prepare: Callable[[ModelRuntime], list[int]],
+    body: GenerationParams,
+    request: Request,
+    kind: str,
+) -> Response:
+    """Tokenize for the current model (in a worker thread: a huge prompt must not stall the
+    event loop) and generate. A hot swap may retire that model meanwhile; then the request
+    starts over on the model that replaced it, whose tokens may differ."""
+    for _attempt in range(3):
+        current = runtime()
+        tokens = await run_in_threadpool(prepare, current)
+        try:
+            return await _generate(service, current, body, tokens, request, kind)
+        except Unloading:
+            continue
+    raise ApiError(503, "the model is being replaced; try again", "server_error", "not_ready")
 
 
 async def _generate(

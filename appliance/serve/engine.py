@@ -18,6 +18,7 @@ import llama_cpp
 import numpy as np
 
 from appliance.errors import ApplianceError
+from appliance.serve.config import SamplingParams
 
 DEFAULT_SEED = llama_cpp.LLAMA_DEFAULT_SEED
 _LSTRIP, _RSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP, llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
@@ -38,15 +39,6 @@ class EngineConfig:
     batch_tokens: int = 512  # tokens per decode step: one per generating slot + prefill
     threads: int = 0  # 0: one per core
     gpu_layers: int = 0
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    seed: int = -1
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from appliance.errors import ModelLoadError
+from appliance.serve.config import ServingConfig
 
 PROBE_TIMEOUT_SECONDS = 600.0
 
@@ -52,6 +53,14 @@ def probe_model(
             f"{model.name} failed the load probe: {_how(done.returncode)}"
             f"{': ' + _last_line(done.stderr) if _last_line(done.stderr) else ''}"
         )
+
+
+def probe_release(release_dir: Path) -> None:
+    """Probe a (staged or installed) release's model with its own serving config."""
+    serving = ServingConfig.from_release_dir(release_dir)
+    probe_model(
+        release_dir / "model.gguf", serving.context_size, serving.threads, serving.gpu_layers
+    )
 
 
 def _how(returncode: int) -> str:

@@ -18,11 +18,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.serve.engine import BatchItem, Engine, Sampler, SamplingParams
+from appliance.serve.config import SamplingParams
+from appliance.serve.engine import BatchItem, Engine, Sampler
 
 
 class QueueFull(Exception):
     """The request queue is at its limit."""
+
+
+class Unloading(Exception):
+    """The model is being unloaded (a hot swap replaced it): submit to its successor."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ class Scheduler:
         active = _Active(generation, listener, threading.Event(), time.monotonic())
         with self._wake:
             if self._stopping:
-                raise QueueFull("the model is being unloaded")
+                raise Unloading("the model is being unloaded")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             self._queue.append(active)

@@ -18,8 +18,9 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from appliance.paths import AppliancePaths
+from appliance.serve.config import ServiceOptions, ServingConfig
 from appliance.serve.metrics import ServiceMetrics
-from appliance.serve.runtime import ModelRuntime, ServiceOptions, ServingConfig
+from appliance.serve.runtime import ModelRuntime
 from appliance.store.apikeys import active_key_hashes
 from appliance.store.db import open_state_db
 from appliance.store.releases import Release, ReleaseStore

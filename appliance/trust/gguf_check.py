@@ -31,6 +31,7 @@ MAX_ARRAY_ITEMS = 1 << 24
 MAX_DIMS = 4
 MAX_ALIGNMENT = 1 << 16
 DEFAULT_ALIGNMENT = 32
+_U64 = struct.Struct("<Q")
 # Hyperparameter bounds. The first two are llama.cpp's own limits (LLAMA_MAX_LAYERS and
 # LLAMA_MAX_EXPERTS in src/llama-hparams.h), which it enforces by aborting.
 MAX_LAYERS = 512
@@ -106,6 +107,32 @@ class _Cursor:
         except UnicodeDecodeError as exc:
             raise GGUFError("GGUF string is not valid UTF-8") from exc
 
+    def strings(self, count: int) -> list[bytes]:
+        """`count` strings, as bytes, each bounded and all of them valid UTF-8.
+
+        A vocabulary holds ~262k of them, so this is one tight loop and one decode: joined
+        with an ASCII separator, the strings are valid UTF-8 exactly when each one is
+        (an ASCII byte never continues or starts a multi-byte sequence inside another)."""
+        data, pos, size, unpack = self.data, self.pos, len(self.data), _U64.unpack_from
+        items = []
+        for _ in range(count):
+            if pos + 8 > size:
+                self.take(8)  # raises: truncated
+            (length,) = unpack(data, pos)
+            start, pos = pos + 8, pos + 8 + length
+            if length > MAX_STRING_BYTES:
+                raise GGUFError(f"GGUF string length {length} exceeds {MAX_STRING_BYTES}")
+            if pos > size:
+                self.pos = start
+                self.take(length)  # raises: truncated, or a header over the cap
+            items.append(data[start:pos].tobytes())
+        self.pos = pos
+        try:
+            b"\n".join(items).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GGUFError("GGUF string is not valid UTF-8") from exc
+        return items
+
 
 def check_gguf_header(head: bytes, file_size: int) -> GGUFSummary:
     """Validate a GGUF header. `head` is the file's first min(size, MAX_HEADER_BYTES) bytes."""
@@ -167,23 +194,25 @@ def _read_array(cursor: _Cursor, unique_strings: bool) -> _Array:
         raise GGUFError("nested GGUF arrays are not accepted")
     if item_type != GGUFValueType.STRING:
         cursor.take(count * struct.calcsize(_SCALARS[item_type]))
-    elif not unique_strings:
-        for _ in range(count):
-            cursor.string()
+    elif unique_strings:
+        _check_vocabulary(cursor, count)
     else:
-        _read_vocabulary(cursor, count)
+        cursor.strings(count)
     return _Array(item_type, count)
 
 
-def _read_vocabulary(cursor: _Cursor, count: int) -> None:
+def _check_vocabulary(cursor: _Cursor, count: int) -> None:
     """llama.cpp aborts on a vocabulary with a token twice (its id maps differ in size)."""
     if count > MAX_VOCAB:
         raise GGUFError(f"GGUF vocabulary of {count} tokens exceeds {MAX_VOCAB}")
-    seen: set[str] = set()
-    for index in range(count):
-        token = cursor.string() or f"[EMPTY_{index}]"  # llama.cpp's name for an empty token
+    # llama.cpp's name for an empty token is "[EMPTY_<id>]".
+    tokens = [t or f"[EMPTY_{i}]".encode() for i, t in enumerate(cursor.strings(count))]
+    if len(set(tokens)) == len(tokens):
+        return
+    seen: set[bytes] = set()
+    for token in tokens:
         if token in seen:
-            raise GGUFError(f"GGUF vocabulary holds the token {token[:40]!r} twice")
+            raise GGUFError(f"GGUF vocabulary holds the token {token.decode()[:40]!r} twice")
         seen.add(token)
 
 
