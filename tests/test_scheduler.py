@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
+
 from appliance.serve.config import SamplingParams
 from appliance.serve.engine import BatchItem, Engine, EngineConfig
 from appliance.serve.scheduler import Generation, Scheduler
@@ -62,3 +64,40 @@ def test_reused_slots_keep_every_decode_step_in_slot_order(tiny_gguf):
         for slot in set(slots):
             positions = [p for s, p in step if s == slot]
             assert positions == list(range(positions[0], positions[0] + len(positions)))
+
+
+@pytest.mark.real_model
+def test_a_prefix_cut_outside_the_sliding_window_is_prefilled_again_not_misread(gemma_gguf):
+    """Gemma 3 keeps only its window (512 positions, plus a batch) in the windowed layers'
+    cache, as llama-server does. After a 1,400-token request, a prompt sharing its first
+    ~700 tokens cannot reuse them: the window before position 700 is gone from the cache,
+    and llama.cpp would cut there anyway. The slot must be prefilled again and give exactly
+    what a fresh slot gives."""
+    entries = [f"entry {i} of the audit log is verified." for i in range(125)]
+    first = " ".join(entries) + " The first question:"
+    second = " ".join(entries[:62]) + " Now a different question about keys:"
+
+    def greedy(engine: Engine, scheduler: Scheduler, text: str) -> str:
+        parts, finished = [], threading.Event()
+
+        def listener(event) -> None:
+            parts.append(event.text)
+            if event.finish_reason:
+                finished.set()
+
+        generation = Generation(
+            engine.tokenize(text), SamplingParams(temperature=0), 16, ignore_eos=True
+        )
+        scheduler.submit(generation, listener)
+        assert finished.wait(300)
+        return "".join(parts)
+
+    outputs = []
+    for prompts in ([first, second], [second]):  # a reused slot, then a fresh engine
+        engine = Engine(EngineConfig(gemma_gguf, slots=1, context_per_slot=2048))
+        scheduler = Scheduler(engine, max_queue=4)
+        assert len(engine.tokenize(first)) > 1300 and len(engine.tokenize(second)) < 800
+        outputs.append([greedy(engine, scheduler, text) for text in prompts][-1])
+        scheduler.stop()
+        engine.close()
+    assert outputs[0] == outputs[1]

@@ -110,13 +110,19 @@ class Engine:
         params.n_batch = params.n_ubatch = config.batch_tokens
         params.n_seq_max = config.slots
         params.n_threads = params.n_threads_batch = threads
-        params.kv_unified = False
+        params.kv_unified = False  # a KV stream per slot (see the scheduler's slot order)
+        # A sliding-window model keeps only its window in the windowed layers' cache, as
+        # llama-server does (full-size: 1.7x the KV memory for Gemma 3). A slot's prefix
+        # then survives only within the window; past it, forget_sequence() says it cannot
+        # cut there and the scheduler prefills the prompt again.
+        params.swa_full = False
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise EngineError("llama.cpp could not create a context")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._window = llama_cpp.llama_model_n_swa(self._model)  # 0: no sliding window
         self.context_per_slot = llama_cpp.llama_n_ctx_seq(self._ctx)
         self._batch = llama_cpp.llama_batch_init(config.batch_tokens, 0, 1)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -269,10 +275,16 @@ class Engine:
     def forget_sequence(self, sequence: int, from_position: int = 0) -> bool:
         """Free a sequence's KV cells from a position on (all of them by default).
 
-        False when llama.cpp cannot cut there (a sliding-window cache that already dropped
-        early positions, say); the caller then clears the whole sequence."""
-        start = -1 if from_position <= 0 else from_position
-        return bool(llama_cpp.llama_memory_seq_rm(self._memory, sequence, start, -1))
+        False when the cells before that position cannot be kept: llama.cpp refuses the cut,
+        or a sliding-window cache has already overwritten part of the window that the next
+        position attends to (llama.cpp does not check that itself). The caller then clears
+        the whole sequence and prefills again."""
+        if from_position <= 0:
+            return bool(llama_cpp.llama_memory_seq_rm(self._memory, sequence, -1, -1))
+        oldest = llama_cpp.llama_memory_seq_pos_min(self._memory, sequence)
+        if self._window and oldest > max(0, from_position - self._window - 1):
+            return False
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, sequence, from_position, -1))
 
     def close(self) -> None:
         if self._ctx:
