@@ -262,7 +262,9 @@ def server_specs(model: Path, threads: int, with_python: bool) -> list[ServerSpe
         ensure_python_server()
         specs.append(ServerSpec("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server",
                                 "--model", str(model), "--port", "18183",
-                                "--n_ctx", str(CONTEXT_PER_SLOT), "--n_threads", t],
+                                "--n_ctx", str(CONTEXT_PER_SLOT), "--n_threads", t,
+                                # its default cuts a running stream off for each new request
+                                "--interrupt_requests", "false"],
                                 18183, "/v1/models"))  # fmt: skip
     return specs
 

@@ -66,6 +66,60 @@ def test_reused_slots_keep_every_decode_step_in_slot_order(tiny_gguf):
             assert positions == list(range(positions[0], positions[0] + len(positions)))
 
 
+class CopyCountingEngine(RecordingEngine):
+    """The real engine; it also counts KV copies from one slot to another."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.copies = 0
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        self.copies += 1
+        super().copy_sequence(source, target)
+
+
+def greedy_outputs(engine: Engine, prompts: list[str], max_tokens: int = 10) -> list[str]:
+    """Submit every prompt at once; the greedy completions, in order."""
+    scheduler = Scheduler(engine, max_queue=64)
+    texts = [[] for _ in prompts]
+    finished = [threading.Event() for _ in prompts]
+
+    def listener(index: int):
+        def on_event(event) -> None:
+            texts[index].append(event.text)
+            if event.finish_reason:
+                finished[index].set()
+
+        return on_event
+
+    for index, prompt in enumerate(prompts):
+        generation = Generation(
+            engine.tokenize(prompt), SamplingParams(temperature=0), max_tokens, ignore_eos=True
+        )
+        scheduler.submit(generation, listener(index))
+    for event in finished:
+        assert event.wait(120)
+    scheduler.stop()
+    return ["".join(parts) for parts in texts]
+
+
+def test_a_burst_sharing_a_system_prompt_prefills_it_once_and_copies_it(tiny_gguf):
+    """Requests that arrive together with a shared prefix wait for one slot to prefill it,
+    then copy its KV cells; each answer is exactly what a slot of its own gives."""
+    system = " ".join(["the signed bundle"] * 7)  # about 120 byte tokens
+    prompts = [f"{system} {tail}" for tail in ("one", "two", "three", "yes")]
+    engine = CopyCountingEngine(EngineConfig(tiny_gguf, slots=4, context_per_slot=256))
+    shared = greedy_outputs(engine, prompts)
+    prefilled = sum(len(step) for step in engine.steps) - 4 * 9  # minus decoded tokens
+    assert engine.copies == 3, "one slot prefills the prefix, three copy it"
+    assert prefilled < 2 * len(engine.tokenize(system)), "the prefix was prefilled once"
+    engine.close()
+    for prompt, answer in zip(prompts, shared, strict=True):
+        alone = Engine(EngineConfig(tiny_gguf, slots=1, context_per_slot=256))
+        assert greedy_outputs(alone, [prompt]) == [answer]
+        alone.close()
+
+
 @pytest.mark.real_model
 def test_a_prefix_cut_outside_the_sliding_window_is_prefilled_again_not_misread(gemma_gguf):
     """Gemma 3 keeps only its window (512 positions, plus a batch) in the windowed layers'

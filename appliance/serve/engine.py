@@ -272,6 +272,13 @@ class Engine:
         logits = llama_cpp.llama_get_logits_ith(self._ctx, batch_index)
         return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
 
+    def copy_sequence(self, source: int, target: int) -> None:
+        """Make `target` hold everything `source` holds (all its positions; cut the copy
+        with forget_sequence). Across KV streams llama.cpp copies the whole stream's
+        buffer, at the start of the next decode."""
+        llama_cpp.llama_memory_seq_rm(self._memory, target, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+
     def forget_sequence(self, sequence: int, from_position: int = 0) -> bool:
         """Free a sequence's KV cells from a position on (all of them by default).
 

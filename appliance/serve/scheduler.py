@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from appliance.serve.config import SamplingParams
 from appliance.serve.engine import BatchItem, Engine, Sampler
 
+# A prefix another slot holds is copied when it is at least this many tokens longer than
+# what the chosen slot holds itself.
+COPY_MIN_TOKENS = 32
+
 
 class QueueFull(Exception):
     """The request queue is at its limit."""
@@ -149,29 +153,73 @@ class Scheduler:
                 self._step()
 
     def _admit(self) -> None:
+        deferred: list[_Active] = []
         while len(self._active) < self.slots and self._queue:
             active = self._queue.popleft()
+            if self._prefix_coming(active.generation.prompt_tokens):
+                deferred.append(active)
+                continue
             active.slot, active.prefilled = self._claim_slot(active.generation.prompt_tokens)
             active.decoded = active.generation.prompt_tokens[: active.prefilled]
             active.sampler = Sampler(active.generation.sampling)
             active.started_at = time.monotonic()
             self._active[active.slot] = active
+        self._queue.extendleft(reversed(deferred))
         self.stats.queued = len(self._queue)
         self.stats.busy_slots = len(self._active)
 
     def _claim_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot sharing the longest prefix with `prompt`, and how much to keep."""
+        """The free slot sharing the longest prefix with `prompt`, and how much to keep.
+
+        When another slot holds a much longer prefix of it (a shared system prompt that
+        this slot has not seen), that slot's cells are copied over instead of prefilling
+        the prefix again: a copy of a slot's KV stream costs milliseconds, a prefill of a
+        few hundred tokens a second on a small CPU."""
         free = [s for s in range(self.slots) if s not in self._active]
         reuse = {s: _common_prefix(self._cached.get(s, []), prompt) for s in free}
         # The longest reusable prefix; on a tie the lowest slot, so that busy slots stay
         # contiguous (see _in_slot_order).
         slot = max(free, key=lambda s: (reuse[s], -s))
-        keep = min(reuse[slot], len(prompt) - 1)  # the last prompt token is decoded for logits
+        keep = reuse[slot]
+        donor, shared = self._best_donor(prompt, exclude=slot)
+        if donor is not None and shared - keep >= COPY_MIN_TOKENS:
+            self.engine.copy_sequence(donor, slot)
+            keep = shared
+        keep = min(keep, len(prompt) - 1)  # the last prompt token is decoded for logits
         if not self.engine.forget_sequence(slot, keep):
             self.engine.forget_sequence(slot)
             keep = 0
         self._cached.pop(slot, None)
         return slot, keep
+
+    def _held_tokens(self) -> dict[int, list[int]]:
+        """Each slot's tokens now in its KV cells, busy slots and free ones."""
+        held = dict(self._cached)
+        held.update({slot: active.decoded for slot, active in self._active.items()})
+        return held
+
+    def _best_donor(self, prompt: list[int], exclude: int) -> tuple[int | None, int]:
+        shared = {
+            slot: _common_prefix(tokens, prompt)
+            for slot, tokens in self._held_tokens().items()
+            if slot != exclude
+        }
+        if not shared:
+            return None, 0
+        donor = max(shared, key=lambda s: shared[s])
+        return donor, shared[donor]
+
+    def _prefix_coming(self, prompt: list[int]) -> bool:
+        """Is a busy slot prefilling a prefix of this prompt, long enough to copy later,
+        that no slot holds yet? Then this request waits a step or two and copies it,
+        rather than prefilling the same tokens beside it (a burst of requests that share
+        a system prompt)."""
+        _donor, held = self._best_donor(prompt, exclude=-1)
+        for active in self._active.values():
+            coming = _common_prefix(active.generation.prompt_tokens, prompt)
+            if active.prefilled < coming and coming - held >= COPY_MIN_TOKENS:
+                return True
+        return False
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -188,6 +236,7 @@ class Scheduler:
             if active.pending_token is not None:
                 item = BatchItem(active.pending_token, active.position - 1, active.slot, True)
                 planned[active.slot] = [item]
+                active.decoded.append(active.pending_token)
                 budget -= 1
         for active in self._active.values():  # then prompt prefill, in chunks, oldest first
             prompt = active.generation.prompt_tokens
