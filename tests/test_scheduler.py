@@ -9,7 +9,13 @@ import pytest
 
 from appliance.serve.config import SamplingParams
 from appliance.serve.engine import BatchItem, Engine, EngineConfig
-from appliance.serve.scheduler import Generation, Scheduler
+from appliance.serve.scheduler import (
+    MIN_PREFILL_CHUNK,
+    STALL_FACTOR,
+    Generation,
+    PrefillPacer,
+    Scheduler,
+)
 
 
 class RecordingEngine(Engine):
@@ -155,3 +161,19 @@ def test_a_prefix_cut_outside_the_sliding_window_is_prefilled_again_not_misread(
         scheduler.stop()
         engine.close()
     assert outputs[0] == outputs[1]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_that_keep_running_streams_going():
+    pacer = PrefillPacer(batch_tokens=512)
+    assert pacer.budget(generating=0) == 512  # nothing learned yet: the whole batch
+    pacer.observe(generating=8, prefill=0, seconds=0.040)  # a decode-only step
+    pacer.observe(generating=0, prefill=500, seconds=0.800)  # a prefill-only step
+    assert pacer.budget(generating=0) == 512  # nobody waits on a token: full speed
+    chunk = pacer.budget(generating=8)
+    # 40 ms + chunk x 1.6 ms stays within STALL_FACTOR decode-only steps
+    assert MIN_PREFILL_CHUNK <= chunk < 512
+    assert 0.040 + chunk * 0.0016 <= STALL_FACTOR * 0.040 + 1e-9
+    # prefill got costlier (a longer context): the chunk shrinks, never below the minimum
+    for _ in range(30):
+        pacer.observe(generating=8, prefill=chunk, seconds=0.040 + chunk * 0.010)
+    assert MIN_PREFILL_CHUNK <= pacer.budget(generating=8) < chunk

@@ -24,6 +24,10 @@ from appliance.serve.engine import BatchItem, Engine, Sampler
 # A prefix another slot holds is copied when it is at least this many tokens longer than
 # what the chosen slot holds itself.
 COPY_MIN_TOKENS = 32
+# While streams are generating, a step that also prefills a prompt may take at most this
+# many times as long as a step that only decodes.
+STALL_FACTOR = 4.0
+MIN_PREFILL_CHUNK = 64
 
 
 class QueueFull(Exception):
@@ -100,6 +104,55 @@ class SchedulerStats:
     max_sequences_in_step: int = 0
 
 
+class PrefillPacer:
+    """How many prompt tokens one step may prefill beside the streams it decodes.
+
+    A step costs about (a decode-only step for that many streams) + (prefill tokens x cost
+    per token). Both are learned from the steps themselves (moving averages), and the
+    prefill chunk is sized so that a step stays within STALL_FACTOR decode-only steps: a
+    1,500-token prompt then spreads over many steps instead of stopping every running
+    stream for ~0.9 s per 512-token chunk. With nothing generating, a prompt gets the
+    whole batch. Small chunks prefill less efficiently (64-token chunks cost ~20% more
+    than 512-token ones here): this trades some throughput for streams that keep going."""
+
+    SMOOTHING = 0.2
+
+    def __init__(self, batch_tokens: int) -> None:
+        self.batch_tokens = batch_tokens
+        self.decode_seconds: dict[int, float] = {}  # streams decoded -> a step's seconds
+        self.seconds_per_prefill_token: float | None = None
+
+    def budget(self, generating: int) -> int:
+        """Prefill tokens allowed in a step that decodes `generating` streams."""
+        room = self.batch_tokens - generating
+        decode = self._decode_estimate(generating)
+        if generating == 0 or decode is None or not self.seconds_per_prefill_token:
+            return room
+        allowed = (STALL_FACTOR - 1) * decode / self.seconds_per_prefill_token
+        return max(MIN_PREFILL_CHUNK, min(room, int(allowed)))
+
+    def observe(self, generating: int, prefill: int, seconds: float) -> None:
+        if prefill == 0:
+            self.decode_seconds[generating] = _average(self.decode_seconds.get(generating), seconds)
+            return
+        decode = self._decode_estimate(generating) if generating else 0.0
+        # a few prompt tokens say little about the cost per token: fixed costs dominate
+        if decode is None or prefill < MIN_PREFILL_CHUNK:
+            return
+        per_token = max(seconds - decode, 0.0) / prefill
+        self.seconds_per_prefill_token = _average(self.seconds_per_prefill_token, per_token)
+
+    def _decode_estimate(self, generating: int) -> float | None:
+        if not self.decode_seconds:
+            return None
+        nearest = min(self.decode_seconds, key=lambda n: abs(n - generating))
+        return self.decode_seconds[nearest]
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else old + PrefillPacer.SMOOTHING * (new - old)
+
+
 class Scheduler:
     def __init__(self, engine: Engine, max_queue: int) -> None:
         self.engine = engine
@@ -109,6 +162,7 @@ class Scheduler:
         self._queue: collections.deque[_Active] = collections.deque()
         self._active: dict[int, _Active] = {}
         self._cached: dict[int, list[int]] = {}  # free slot -> tokens its KV cells hold
+        self._pacer = PrefillPacer(engine.config.batch_tokens)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -231,14 +285,19 @@ class Scheduler:
 
     def _step(self) -> None:
         planned: dict[int, list[BatchItem]] = {}  # slot -> its tokens in this step
-        budget = self.engine.config.batch_tokens
         for active in self._active.values():  # generating slots first: one token each
             if active.pending_token is not None:
                 item = BatchItem(active.pending_token, active.position - 1, active.slot, True)
                 planned[active.slot] = [item]
                 active.decoded.append(active.pending_token)
-                budget -= 1
-        for active in self._active.values():  # then prompt prefill, in chunks, oldest first
+        generating = len(planned)
+        budget = self._pacer.budget(generating)
+        # then prompt prefill, in chunks, the shortest rest first: a short prompt starts
+        # streaming at once instead of waiting behind a long one that is paced
+        waiting = sorted(
+            self._active.values(), key=lambda a: len(a.generation.prompt_tokens) - a.prefilled
+        )
+        for active in waiting:
             prompt = active.generation.prompt_tokens
             if active.pending_token is not None or active.prefilled >= len(prompt) or budget <= 0:
                 continue
@@ -251,6 +310,7 @@ class Scheduler:
             active.prefilled += len(chunk)
             budget -= len(chunk)
         items, samplers = self._in_slot_order(planned)
+        started = time.perf_counter()
         try:
             self.engine.decode(items)
         except Exception as exc:  # a decode failure ends these requests, not the service
@@ -261,6 +321,7 @@ class Scheduler:
         self.stats.max_sequences_in_step = max(self.stats.max_sequences_in_step, len(samplers))
         for active, index in samplers:
             self._accept(active, active.sampler.sample(self.engine, index))
+        self._pacer.observe(generating, len(items) - generating, time.perf_counter() - started)
 
     def _in_slot_order(
         self, planned: dict[int, list[BatchItem]]
