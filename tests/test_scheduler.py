@@ -165,7 +165,8 @@ def test_a_prefix_cut_outside_the_sliding_window_is_prefilled_again_not_misread(
 
 def test_a_long_prompt_is_prefilled_in_chunks_that_keep_running_streams_going():
     pacer = PrefillPacer(batch_tokens=512)
-    assert pacer.budget(generating=0) == 512  # nothing learned yet: the whole batch
+    assert pacer.budget(generating=0) == 512  # nobody waits on a token: the whole batch
+    assert pacer.budget(generating=8) == 0  # first learn what a decode-only step costs
     pacer.observe(generating=8, prefill=0, seconds=0.040)  # a decode-only step
     pacer.observe(generating=0, prefill=500, seconds=0.800)  # a prefill-only step
     assert pacer.budget(generating=0) == 512  # nobody waits on a token: full speed

@@ -125,9 +125,13 @@ class PrefillPacer:
     def budget(self, generating: int) -> int:
         """Prefill tokens allowed in a step that decodes `generating` streams."""
         room = self.batch_tokens - generating
-        decode = self._decode_estimate(generating)
-        if generating == 0 or decode is None or not self.seconds_per_prefill_token:
+        if generating == 0:
             return room
+        decode = self._decode_estimate(generating)
+        if decode is None:
+            return 0  # one decode-only step first, to learn what a step costs here
+        if not self.seconds_per_prefill_token:
+            return MIN_PREFILL_CHUNK
         allowed = (STALL_FACTOR - 1) * decode / self.seconds_per_prefill_token
         return max(MIN_PREFILL_CHUNK, min(room, int(allowed)))
 
