@@ -10,7 +10,7 @@ from test_hotswap import serving, two_releases  # noqa: F401 - the fixture is us
 from test_serve import appliance
 from textual.widgets import Input
 
-from appliance.console.app import ConsoleApp
+from appliance.console.app import ConfirmAction, ConsoleApp
 from appliance.console.state import ConsoleActions, ServiceStatus, Snapshot, load_snapshot
 from appliance.paths import appliance_paths
 from appliance.store.releases import ReleaseStore
@@ -69,24 +69,30 @@ def test_rollback_from_the_console_switches_store_audit_and_service(two_releases
 
 
 def test_freeze_then_activation_is_refused_with_the_reason_shown(two_releases):  # noqa: F811
+    """No dialog offers Confirm for an action the console already knows will be refused."""
     server, first, second = two_releases
 
     async def drive() -> None:
         app = console_for(server)
         async with app.run_test(size=(80, 24)) as pilot:
             assert await until(pilot, lambda: app.snapshot is not None)
+            await pilot.press("r")  # nothing to roll back to yet
+            assert await until(
+                pilot, lambda: any("no previous good" in n.message for n in app._notifications)
+            )
+            assert not isinstance(app.screen, ConfirmAction)
             await pilot.press("f")
             await confirm_with(pilot, "incident 7")
             assert await until(pilot, lambda: app.snapshot.frozen)
             await pilot.press("l", "down")  # the releases screen, second row: demo@2.0.0
             await pilot.press("a")
-            await confirm_with(pilot, "try anyway")
             assert await until(
                 pilot,
                 lambda: any(
-                    "incident 7" in n.message and n.severity == "error" for n in app._notifications
+                    "incident 7" in n.message and "frozen" in n.message for n in app._notifications
                 ),
             )
+            assert not isinstance(app.screen, ConfirmAction)
 
     asyncio.run(drive())
     assert active_ref() == first

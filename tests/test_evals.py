@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 from xml.etree import ElementTree
 
+import httpx
 import pytest
 from conftest import write_bundle_dir
+from prometheus_client.parser import text_string_to_metric_families
 from serving import start_server
 from tinymodel import write_tiny_gguf
 
@@ -173,12 +179,14 @@ def tiny_release(
     version: str,
     sequence: int,
     max_tokens: int = 256,
+    cases: list[dict] = CASES,
+    load: str = "",
 ) -> str:
     source = tmp_path / f"src-{version}"
     toml = write_bundle_dir(source, model, release=(version, sequence, 0))
     toml.write_text(toml.read_text().replace("max_tokens = 256", f"max_tokens = {max_tokens}"))
-    (source / "eval/spec.toml").write_text(EASY_SPEC.format(min_pass_rate=min_pass_rate))
-    (source / "eval/golden/shape.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CASES))
+    (source / "eval/spec.toml").write_text(EASY_SPEC.format(min_pass_rate=min_pass_rate) + load)
+    (source / "eval/golden/shape.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
     text = toml.read_text()
     start = text.index("golden = [")
     toml.write_text(
@@ -211,7 +219,8 @@ def test_eval_run_writes_reports_and_opens_the_gate(cli, tmp_path, tiny_gguf):
     ref = tiny_release(cli, tmp_path, tiny_gguf, min_pass_rate=0.6, version="1.0.0", sequence=1)
     code, result = cli("eval", "run", ref)
     assert code == 0, result
-    assert result["overall"]["n"] == 3 and result["gate"] == {"passed": True, "failures": []}
+    assert result["overall"]["n"] == 3
+    assert result["gate"] == {"passed": True, "failures": [], "inconclusive": []}
     weights = {"short-1": 1, "short-2": 1, "paris": 3}
     report = json.loads(Path(result["files"]["json"]).read_text())
     assert report["spec_hash"] == cli("release", "show", ref)[1]["spec_hash"]
@@ -316,6 +325,102 @@ def test_eval_over_url_measures_the_release_the_service_serves(cli, served):
     assert report["manifest_sha256"] == cli("release", "show", first)[1]["manifest_sha256"]
     assert report["overall"]["n"] == 3
     assert all(c["ttft_ms"] is not None for c in report["cases"])
+
+
+def test_eval_over_url_prices_the_run_from_the_service_process_cpu(cli, served):
+    server, key, first, _ = served
+
+    def service_cpu() -> float:
+        text = httpx.get(server.url + "/metrics").text
+        return next(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "process_cpu_seconds"
+            for sample in family.samples
+        )
+
+    before = service_cpu()
+    code, result = cli(
+        "eval", "run", first, "--url", server.url, "--api-key", key, "--baseline", "none"
+    )
+    after = service_cpu()
+    assert code == 0, result
+    report = json.loads(Path(result["files"]["json"]).read_text())
+    # the service's own CPU seconds over the run, not wall time x every local core
+    assert 0 < report["cpu_seconds"] <= after - before
+    assert report["cpu_seconds"] < report["wall_seconds"] * os.cpu_count()
+    assert report["cost"] == pytest.approx(report["cpu_seconds"] / 3600 * 0.05)
+
+
+SEQUENTIAL = "[load]\nclients = 1\n"
+SIX_CASES = [{**CASES[0], "id": f"case-{i}", "input": {"prompt": f"item {i}"}} for i in range(6)]
+
+
+def test_each_case_is_timed_from_when_it_is_sent_not_from_when_the_runner_queued_it(
+    cli, tmp_path, tiny_gguf
+):
+    ref = tiny_release(
+        cli, tmp_path, tiny_gguf, 0.0, "1.0.0", 1, max_tokens=64, cases=SIX_CASES, load=SEQUENTIAL
+    )
+    code, result = cli("eval", "run", ref)
+    assert code == 0, result
+    report = json.loads(Path(result["files"]["json"]).read_text())
+    assert report["load"]["clients"] == 1
+    # six cases one after another: none waited behind the others, so p95 is one case's
+    # time, not the run's (the runner used to queue all of them and report p95 = wall time)
+    # (queued all at once, the six latencies overlapped and summed to several walls)
+    latencies = sorted(c["latency_ms"] for c in report["cases"])
+    assert sum(latencies) <= report["wall_seconds"] * 1000
+    assert report["latency_ms"]["p95"] == latencies[-1]
+    low, high = report["latency_ms"]["bootstrap_95"]["p95"]
+    assert low <= report["latency_ms"]["p95"] <= high
+
+
+def test_a_busy_host_makes_latency_and_cost_inconclusive_while_quality_still_judges(
+    cli, tmp_path, tiny_gguf
+):
+    ref = tiny_release(cli, tmp_path, tiny_gguf, 0.6, "1.0.0", 1, cases=SIX_CASES)
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        time.sleep(0.5)
+        code, result = cli("eval", "run", ref)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert code == 45, result
+    gate = result["gate"]
+    assert gate["passed"] is False and gate["failures"] == []
+    assert [i["criterion"] for i in gate["inconclusive"]] == ["p95_latency", "cost_per_success"]
+    assert "rerun on a quiet host" in gate["inconclusive"][0]["detail"]
+    code, judged = cli("eval", "gate", ref)
+    assert code == 45 and "inconclusive" in judged["error"]
+    assert cli("release", "activate", ref)[0] == 23  # not passed yet: it cannot serve
+    # the same release on the quiet host: judged, and it passes
+    assert cli("eval", "run", ref)[0] == 0
+
+
+def test_a_scorer_that_raises_fails_its_case_and_the_run_finishes(cli, tmp_path, tiny_gguf):
+    broken = {"id": "bad-regex", "input": {"prompt": "x"}, "expected": {"regex": "("}}
+    broken |= {"scorers": ["regex"], "tags": ["format"]}
+    ref = tiny_release(cli, tmp_path, tiny_gguf, 0.0, "1.0.0", 1, cases=[CASES[0], broken])
+    code, result = cli("eval", "run", ref)
+    assert code == 0, result
+    report = json.loads(Path(result["files"]["json"]).read_text())
+    case = next(c for c in report["cases"] if c["id"] == "bad-regex")
+    assert case["passed"] is False and case["failures"][0].startswith("regex: error: ")
+
+
+def test_a_case_missing_what_its_scorer_needs_is_refused_when_the_spec_loads(
+    cli, tmp_path, tiny_gguf
+):
+    incomplete = {**CASES[0], "id": "no-text", "expected": {}, "scorers": ["exact"]}
+    ref = tiny_release(cli, tmp_path, tiny_gguf, 0.0, "1.0.0", 1, cases=[incomplete])
+    code, result = cli("eval", "run", ref)
+    assert code == 3 and "scorer exact needs expected ['text']" in result["error"]
 
 
 def test_eval_of_a_model_that_aborts_llama_cpp_is_refused_not_crashed(cli, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from appliance.cli.common import load_key_file, progress_bar
 from appliance.cli.serve import serve
 from appliance.errors import StoreError
 from appliance.evals.evaluate import evaluate_release, judge_gate, planned_cases
+from appliance.evals.report import verdict_word
 from appliance.paths import appliance_paths
 from appliance.serve.probe import probe_release
 from appliance.store.apikeys import create_api_key
@@ -138,14 +139,16 @@ def _run_gate(store: ReleaseStore, ref: str) -> None:
     report, verdict = evaluation.report, evaluation.report["gate"]
     overall = report["overall"]
     click.echo(
-        f"      {'PASSED' if verdict['passed'] else 'FAILED'}: {overall['passed']}/"
+        f"      {verdict_word(verdict)}: {overall['passed']}/"
         f"{overall['n']} cases, p95 {report['latency_ms']['p95']:.0f} ms, "
         f"{report['wall_seconds']:.1f} s; report {evaluation.files['markdown']}"
     )
     for failure in verdict["failures"]:
         click.echo(f"      FAIL {failure['criterion']}: {failure['detail']}")
+    for item in verdict.get("inconclusive", []):
+        click.echo(f"      INCONCLUSIVE {item['criterion']}: {item['detail']}")
     if not verdict["passed"]:
-        judge_gate(store, ref)  # raises with the failed criterion's exit code
+        judge_gate(store, ref)  # raises with the failed criterion's exit code, or 45
 
 
 def _verify(bundle: Path) -> None:

@@ -6,7 +6,7 @@ import click
 
 from appliance.cli.common import emit_json, json_option, progress_bar, want_json_errors
 from appliance.evals.evaluate import evaluate_release, judge_gate, planned_cases
-from appliance.evals.report import CRITERIA
+from appliance.evals.report import exit_code, verdict_word
 from appliance.paths import appliance_paths
 from appliance.store.releases import ReleaseStore
 
@@ -32,13 +32,6 @@ def eval_group() -> None:
     default="",
     help="API key for --url (or $APPLIANCE_API_KEY).",
 )
-@click.option(
-    "--concurrency",
-    default=8,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Cases in flight at once (the service's slots).",
-)
 @json_option
 @click.pass_context
 def run(
@@ -47,38 +40,38 @@ def run(
     baseline: str,
     url: str | None,
     api_key: str,
-    concurrency: int,
     as_json: bool,
 ) -> None:
     """Run NAME@VERSION's eval spec on this host, store and write the report.
 
-    Exits 0 when the gate passes, else with the first failed criterion's code:
-    40 suite pass rate, 41 defect rate, 42 p95 latency, 43 cost per success, 44 regression.
+    The spec's [load] section says how many requests are in flight. Exits 0 when the
+    gate passes, else with the first failed criterion's code: 40 suite pass rate,
+    41 defect rate, 42 p95 latency, 43 cost per success, 44 regression; 45 when quality
+    passed but latency and cost are inconclusive (other processes kept the host busy:
+    rerun on a quiet host).
     """
     want_json_errors(ctx, as_json)
     store = ReleaseStore(appliance_paths())
     baseline_ref = None if baseline == "none" else baseline
     total = planned_cases(store, ref, baseline_ref)
     with progress_bar(total, "evaluating", enabled=not as_json) as update:
-        evaluation = evaluate_release(store, ref, baseline_ref, url, api_key, concurrency, update)
+        evaluation = evaluate_release(store, ref, baseline_ref, url, api_key, update)
     report = evaluation.report
-    failures = report["gate"]["failures"]
+    code = exit_code(report["gate"])
     if as_json:
         emit_json(
             {
-                "ok": not failures,
+                "ok": code == 0,
                 "report_id": evaluation.report_id,
                 "files": {k: str(v) for k, v in evaluation.files.items()},
                 "gate": report["gate"],
                 "overall": report["overall"],
             }
         )
-        if failures:
-            ctx.exit(CRITERIA[failures[0]["criterion"]])
-        return
+        ctx.exit(code)
     _print_summary(report, evaluation.files)
-    if failures:
-        judge_gate(store, ref)  # raises with the first failed criterion's exit code
+    if code:
+        judge_gate(store, ref)  # raises with the first failed criterion's exit code, or 45
 
 
 @eval_group.command()
@@ -89,7 +82,7 @@ def gate(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Judge NAME@VERSION's gate from its latest report on this host (no new run).
 
     Exit 0: passed. 23: no report, or one for another spec hash. 40-44: the first
-    failed criterion (see `eval run`).
+    failed criterion, 45: latency and cost inconclusive (see `eval run`).
     """
     want_json_errors(ctx, as_json)
     report = judge_gate(ReleaseStore(appliance_paths()), ref)
@@ -110,11 +103,12 @@ def gate(ctx: click.Context, ref: str, as_json: bool) -> None:
 
 def _print_summary(report: dict, files: dict) -> None:
     overall = report["overall"]
-    verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
+    verdict = verdict_word(report["gate"])
     click.echo(
         f"{report['release']}: gate {verdict}; {overall['passed']}/{overall['n']} cases "
-        f"passed; p95 {report['latency_ms']['p95']:.0f} ms; "
-        f"{report['tokens_per_second']:.1f} tok/s; {report['wall_seconds']:.1f} s"
+        f"passed; p95 {report['latency_ms']['p95']:.0f} ms at {report['load']['clients']} "
+        f"in flight; {report['tokens_per_second']:.1f} tok/s; {report['wall_seconds']:.1f} s; "
+        f"host busy {report['host_state']['busy_share']:.0%}"
     )
     for name, suite in report["suites"].items():
         low, high = suite["wilson_95"]
@@ -124,4 +118,6 @@ def _print_summary(report: dict, files: dict) -> None:
         )
     for failure in report["gate"]["failures"]:
         click.echo(f"  FAIL {failure['criterion']}: {failure['detail']}")
+    for item in report["gate"].get("inconclusive", []):
+        click.echo(f"  INCONCLUSIVE {item['criterion']}: {item['detail']}")
     click.echo(f"  reports: {files['markdown']} (.json, .xml beside it)")

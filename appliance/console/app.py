@@ -30,6 +30,7 @@ from textual.widgets import (
 
 from appliance.console.state import ConsoleActions, Snapshot
 from appliance.errors import ApplianceError
+from appliance.evals.report import verdict_word
 
 REFRESH_SECONDS = 2.0
 
@@ -209,7 +210,7 @@ class ConsoleApp(App[None]):
     def _show_evals(self, snap: Snapshot) -> None:
         lines = []
         for report in snap.reports:
-            verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
+            verdict = verdict_word(report["gate"])
             overall, lat = report["overall"], report["latency_ms"]
             lines.append(
                 f"[b]{report['release']}[/b] gate {verdict}  {overall['passed']}/"
@@ -228,6 +229,10 @@ class ConsoleApp(App[None]):
                 )
             for failure in report["gate"]["failures"]:
                 lines.append(f"  [red]FAIL {failure['criterion']}[/red]: {failure['detail']}")
+            for item in report["gate"].get("inconclusive", []):
+                lines.append(
+                    f"  [yellow]INCONCLUSIVE {item['criterion']}[/yellow]: {item['detail']}"
+                )
         self.query_one("#evals-text", Static).update("\n".join(lines) or "no eval reports yet")
 
     def _show_audit(self, snap: Snapshot) -> None:
@@ -271,6 +276,13 @@ class ConsoleApp(App[None]):
             return
         self.action_show("releases")
         ref = self.snapshot.releases[table.cursor_row].ref
+        if self.snapshot.frozen:  # the store would refuse: say why instead of asking
+            self.notify(
+                f"releases are frozen ({self.snapshot.frozen_reason}): nothing activates "
+                "until unfrozen (u); rollback still works",
+                severity="warning",
+            )
+            return
         change = f"The active release changes from {self.snapshot.active or '-'} to {ref}."
         self._confirm(
             "Activate release", change, True, lambda why: self._actions.activate(ref, why)
@@ -282,11 +294,10 @@ class ConsoleApp(App[None]):
             if self.snapshot
             else None
         )
-        change = (
-            f"The active release changes from {self.snapshot.active} back to {previous}."
-            if previous
-            else "There is no previous good release; this will fail."
-        )
+        if previous is None:  # the store would refuse: say so instead of offering Confirm
+            self.notify("there is no previous good release to roll back to", severity="warning")
+            return
+        change = f"The active release changes from {self.snapshot.active} back to {previous}."
         self._confirm("Roll back", change, False, lambda why: self._actions.rollback(why))
 
     def action_freeze(self) -> None:

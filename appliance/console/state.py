@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import psutil
 
+from appliance.evals.report import verdict_word
 from appliance.paths import AppliancePaths
 from appliance.store import audit, ledger
 from appliance.store.db import open_state_db
@@ -33,7 +34,7 @@ class ReleaseRow:
     ref: str
     sequence: int
     state: str  # active, previous-good, installed
-    verdict: str  # passed, failed, none
+    verdict: str  # passed, failed, inconclusive, none
     signers: tuple[str, ...]
     installed_at: str
     quant_type: str
@@ -151,7 +152,9 @@ def _release_row(release: Release, state, gate: GateDecision) -> ReleaseRow:
         where = "previous-good"
     else:
         where = "installed"
-    shown = "none" if gate.report is None else "passed" if gate.passed else "failed"
+    shown = "none"
+    if gate.report is not None:
+        shown = verdict_word(json.loads(gate.report["report"])["gate"]).lower()
     return ReleaseRow(
         release.ref,
         release.sequence,

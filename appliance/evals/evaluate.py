@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import GateError
-from appliance.evals.report import CRITERIA, build_report, write_reports
+from appliance.evals.report import build_report, exit_code, write_reports
 from appliance.evals.runner import Progress, run_in_process, run_over_http
 from appliance.evals.spec import load_spec
 from appliance.store.gate import host_id
@@ -16,7 +16,8 @@ from appliance.store.releases import Release, ReleaseStore
 
 
 class GateFailed(GateError):
-    """The release's latest eval report failed a gate criterion (exit code per criterion)."""
+    """The release's latest eval report failed a gate criterion (exit code per criterion),
+    or could not judge latency and cost on a busy host (45)."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -36,7 +37,6 @@ def evaluate_release(
     baseline_ref: str | None = "active",
     url: str | None = None,
     api_key: str = "",
-    slots: int = 8,
     progress: Progress | None = None,
 ) -> Evaluation:
     """Run the release's frozen spec (in-process, or against the service at `url`), compare
@@ -45,15 +45,13 @@ def evaluate_release(
     store.verify_installed(release)  # only verified files are loaded
     spec = load_spec(Path(release.path))
     if url:  # refused unless the service serves exactly these signed bytes
-        run = run_over_http(
-            spec, url, api_key, release.ref, release.manifest_sha256, slots, progress
-        )
+        run = run_over_http(spec, url, api_key, release.ref, release.manifest_sha256, progress)
     else:
-        run = run_in_process(spec, Path(release.path), slots, progress)
+        run = run_in_process(spec, Path(release.path), progress)
     compared = None
     if baseline is not None:
         store.verify_installed(baseline)
-        compared = (baseline.ref, run_in_process(spec, Path(baseline.path), slots, progress))
+        compared = (baseline.ref, run_in_process(spec, Path(baseline.path), progress))
     report = build_report(
         spec, run, release.ref, release.manifest_sha256, release.spec_hash, host_id(), compared
     )
@@ -99,12 +97,18 @@ def judge_gate(store: ReleaseStore, ref: str) -> dict[str, Any]:
     if decision.report is None:
         raise GateError(f"{ref}: {decision.reason}; run `appliance eval run {ref}`")
     report = json.loads(decision.report["report"])
-    failures = report["gate"]["failures"]
-    if failures:
-        first = failures[0]
+    verdict = report["gate"]
+    if verdict["failures"]:
         raise GateFailed(
             f"{ref} fails its gate: "
-            + "; ".join(f"{f['criterion']} ({f['detail']})" for f in failures),
-            CRITERIA[first["criterion"]],
+            + "; ".join(f"{f['criterion']} ({f['detail']})" for f in verdict["failures"]),
+            exit_code(verdict),
+        )
+    if verdict.get("inconclusive"):
+        names = ", ".join(f["criterion"] for f in verdict["inconclusive"])
+        raise GateFailed(
+            f"{ref} has not passed its gate yet: {names} inconclusive "
+            f"({verdict['inconclusive'][0]['detail']})",
+            exit_code(verdict),
         )
     return report

@@ -9,15 +9,18 @@ import re
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
-from appliance.evals.runner import CaseResult, RunResult
-from appliance.evals.spec import EvalSpec
+from appliance.evals.spec import EvalSpec, Gates
+
+if TYPE_CHECKING:  # the console reads reports without loading the engine
+    from appliance.evals.runner import CaseResult, RunResult
 from appliance.evals.stats import (
     mcnemar_exact,
     paired_bootstrap_interval,
     percentile,
+    percentile_interval,
     wilson_interval,
 )
 
@@ -30,6 +33,9 @@ CRITERIA = {
     "cost_per_success": 43,
     "regression": 44,
 }
+# Latency and cost were measured on a host other processes kept busy: not judged.
+INCONCLUSIVE_EXIT = 45
+HOST_SENSITIVE = ("p95_latency", "cost_per_success")
 
 
 def build_report(
@@ -65,10 +71,16 @@ def build_report(
             for s in spec.suites
         },
         "defect_rates": _defect_rates(cases),
+        "load": {"clients": spec.load.clients, "max_busy_share": spec.load.max_busy_share},
+        "host_state": run.host.as_dict(),
         "latency_ms": {
             "p50": percentile(latencies, 50),
             "p95": percentile(latencies, 95),
             "p99": percentile(latencies, 99),
+            "bootstrap_95": {
+                f"p{q}": list(percentile_interval(latencies, q, seed=spec.seed))
+                for q in (50, 95, 99)
+            },
         },
         "ttft_ms": {
             "p50": percentile(ttfts, 50),
@@ -143,6 +155,8 @@ def _regression(
 
 
 def gate_verdict(spec: EvalSpec, report: dict[str, Any]) -> dict[str, Any]:
+    """Failed criteria, and those that could not be judged (latency and cost on a host that
+    other processes kept busy). A gate passes only with neither."""
     gates, failures = spec.gates, []
     for name, suite in report["suites"].items():
         if suite["pass_rate"] < suite["min_pass_rate"]:
@@ -181,7 +195,37 @@ def gate_verdict(spec: EvalSpec, report: dict[str, Any]) -> dict[str, Any]:
             }
         )
     failures.sort(key=lambda f: CRITERIA[f["criterion"]])
-    return {"passed": not failures, "failures": failures}
+    inconclusive = []
+    busy = report["host_state"]["busy_share"]
+    if busy > spec.load.max_busy_share:
+        reason = (
+            f"other processes used {busy:.0%} of the host's CPU (limit "
+            f"{spec.load.max_busy_share:.0%}): rerun on a quiet host"
+        )
+        judged = [f for f in failures if f["criterion"] not in HOST_SENSITIVE]
+        inconclusive = [
+            {"criterion": name, "detail": reason}
+            for name in HOST_SENSITIVE
+            if _has_limit(gates, name)
+        ]
+        failures = judged
+    return {
+        "passed": not failures and not inconclusive,
+        "failures": failures,
+        "inconclusive": inconclusive,
+    }
+
+
+def _has_limit(gates: Gates, criterion: str) -> bool:
+    limit = gates.max_p95_latency_ms if criterion == "p95_latency" else gates.max_cost_per_success
+    return limit is not None
+
+
+def exit_code(verdict: dict[str, Any]) -> int:
+    """0, the first failed criterion's code, or INCONCLUSIVE_EXIT."""
+    if verdict["failures"]:
+        return CRITERIA[verdict["failures"][0]["criterion"]]
+    return INCONCLUSIVE_EXIT if verdict.get("inconclusive") else 0
 
 
 def write_reports(report: dict[str, Any], directory: Path) -> dict[str, Path]:
@@ -203,15 +247,20 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Eval report: {report['release']}",
         "",
-        f"- Verdict: **{'PASS' if gate['passed'] else 'FAIL'}**",
+        f"- Verdict: **{verdict_word(gate)}**",
         f"- Spec: {report['spec']} (`{report['spec_hash'][:16]}`), host `{report['host'][:12]}`,"
         f" {report['created']}",
         f"- Measured: the signed content with manifest `{report['manifest_sha256']}`",
         f"- Overall: {_fmt_rate(report['overall'])}",
-        f"- Latency p50/p95/p99: {_ms(report['latency_ms'])}; time to first token: "
+        f"- Load: {report['load']['clients']} request(s) in flight; other processes used "
+        f"{report['host_state']['busy_share']:.0%} of the host's CPU "
+        f"(limit {report['load']['max_busy_share']:.0%}), load average "
+        f"{report['host_state']['load_1m']:.2f}",
+        f"- Latency p50/p95/p99: {_ms(report['latency_ms'])} (p95 bootstrap 95% "
+        f"{_ms_pair(report['latency_ms']['bootstrap_95']['p95'])}); time to first token: "
         f"{_ms(report['ttft_ms'])}",
-        f"- {report['tokens_per_second']:.1f} tokens/s; {report['cpu_seconds']:.1f} CPU-s; "
-        f"cost per successful case {report['cost_per_success']}",
+        f"- {report['tokens_per_second']:.1f} tokens/s; {report['cpu_seconds']:.2f} CPU-s; "
+        f"cost per successful case {_number(report['cost_per_success'])}",
         "",
         "| suite | pass rate (95% Wilson) | minimum |",
         "|---|---|---|",
@@ -237,6 +286,9 @@ def markdown(report: dict[str, Any]) -> str:
     if gate["failures"]:
         lines += ["", "## Gate failures", ""]
         lines += [f"- {f['criterion']}: {f['detail']}" for f in gate["failures"]]
+    if gate.get("inconclusive"):
+        lines += ["", "## Not judged (inconclusive)", ""]
+        lines += [f"- {f['criterion']}: {f['detail']}" for f in gate["inconclusive"]]
     failed = [c for c in report["cases"] if not c["passed"]]
     if failed:
         lines += ["", "## Failed cases", ""]
@@ -288,4 +340,22 @@ def _fmt_rate(rate: dict[str, Any]) -> str:
 
 
 def _ms(values: dict[str, Any]) -> str:
-    return "/".join("-" if v is None else f"{v:.0f}" for v in values.values()) + " ms"
+    quantiles = (values[q] for q in ("p50", "p95", "p99"))
+    return "/".join("-" if v is None else f"{v:.0f}" for v in quantiles) + " ms"
+
+
+def _ms_pair(pair: list[float | None]) -> str:
+    low, high = pair
+    return "-" if low is None else f"[{low:.0f}, {high:.0f}] ms"
+
+
+def _number(value: float | None) -> str:
+    """A figure for people: 3.56e-05, not 3.560019841269841e-05."""
+    return "-" if value is None else f"{value:.3g}"
+
+
+def verdict_word(gate: dict[str, Any]) -> str:
+    """PASSED, FAILED, or INCONCLUSIVE (nothing failed, but latency and cost went unjudged)."""
+    if gate["failures"]:
+        return "FAILED"
+    return "INCONCLUSIVE" if gate.get("inconclusive") else "PASSED"

@@ -1,12 +1,12 @@
 """Run an eval spec's cases against a model: in-process on the engine (a staged release that
-does not serve yet) or against a running service. Cases run concurrently, as many as the
-service has slots, so an eval is as fast as serving allows."""
+does not serve yet) or against a running service. The spec's load profile says how many
+requests are in flight (`load.clients`); each is timed from the moment it is sent, so a
+latency is the release's, not the time a case waited behind the others in the runner."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.errors import ApplianceError, EvalTargetError
+from appliance.evals.host import HostMonitor, HostState
 from appliance.evals.scorers import SCORERS
 from appliance.evals.spec import Case, EvalSpec
 from appliance.serve.config import MANIFEST_HEADER, SamplingParams, ServiceOptions, ServingConfig
@@ -42,7 +44,8 @@ class CaseResult:
 class RunResult:
     cases: list[CaseResult]
     wall_seconds: float
-    cpu_seconds: float
+    cpu_seconds: float  # of the process that ran the model
+    host: HostState
 
 
 def score_case(
@@ -50,7 +53,11 @@ def score_case(
 ) -> CaseResult:
     failures = []
     for name in case.scorers:
-        verdict = SCORERS[name](output, case.expected, latency_ms)
+        try:
+            verdict = SCORERS[name](output, case.expected, latency_ms)
+        except Exception as exc:  # a scorer's bug fails its case, never the run
+            failures.append(f"{name}: error: {type(exc).__name__}: {exc}")
+            continue
         if not verdict.passed:
             failures.append(f"{name}: {verdict.reason}")
     return CaseResult(
@@ -67,16 +74,17 @@ def score_case(
 
 
 def run_in_process(
-    spec: EvalSpec, release_dir: Path, slots: int = 8, progress: Progress | None = None
+    spec: EvalSpec, release_dir: Path, progress: Progress | None = None
 ) -> RunResult:
-    """Load the release's model here (it need not be active) and run every case."""
+    """Load the release's model here (it need not be active) and run every case, with as
+    many slots as the spec's load has clients."""
     serving = ServingConfig.from_release_dir(release_dir)
     runtime = ModelRuntime.load(
         "eval",
         None,
         release_dir / "model.gguf",
         serving,
-        ServiceOptions(slots=slots, max_queue=len(spec.cases) + 1),
+        ServiceOptions(slots=spec.load.clients, max_queue=spec.load.clients),
     )
     try:
         return _run_on_runtime(spec, runtime, progress or (lambda _n: None))
@@ -88,13 +96,15 @@ def _run_on_runtime(spec: EvalSpec, runtime: ModelRuntime, progress: Progress) -
     results: dict[str, CaseResult] = {}
     done = threading.Event()
     lock = threading.Lock()
+    in_flight = threading.Semaphore(spec.load.clients)
     cases = spec.cases
     # process_time reads CLOCK_PROCESS_CPUTIME_ID (ns); psutil's cpu_times counts 10 ms
     # ticks, and a short run on a small model measured 0 CPU-s, so it cost nothing.
     cpu_start, wall_start = time.process_time(), time.monotonic()
+    monitor = HostMonitor()
 
     def submit(case: Case) -> None:
-        started, parts, first = time.monotonic(), [], [None]
+        parts, first = [], [None]
 
         def listener(event: Event) -> None:
             if event.text and first[0] is None:
@@ -111,15 +121,20 @@ def _run_on_runtime(spec: EvalSpec, runtime: ModelRuntime, progress: Progress) -
                 results[case.id] = result
                 if len(results) == len(cases):
                     done.set()
+            in_flight.release()
             progress(1)
 
-        runtime.scheduler.submit(_generation(spec, runtime, case), listener)
+        generation = _generation(spec, runtime, case)
+        started = time.monotonic()  # sent to the engine now, with a free slot waiting
+        runtime.scheduler.submit(generation, listener)
 
     for case in cases:
+        in_flight.acquire()
         submit(case)
     done.wait()
     cpu = time.process_time() - cpu_start
-    return RunResult([results[c.id] for c in cases], time.monotonic() - wall_start, cpu)
+    wall = time.monotonic() - wall_start
+    return RunResult([results[c.id] for c in cases], wall, cpu, monitor.finish())
 
 
 def _generation(spec: EvalSpec, runtime: ModelRuntime, case: Case) -> Generation:
@@ -143,29 +158,44 @@ def run_over_http(
     api_key: str,
     ref: str,
     manifest_sha256: str,
-    concurrency: int = 8,
     progress: Progress | None = None,
 ) -> RunResult:
     """Run against a running service, streaming to time first tokens. The service must
     serve exactly this release: /v1/models must list it with this manifest digest before
     and after the run, and every response must name it; otherwise EvalTargetError.
-    CPU time is not visible from here: it is taken as wall time on every local core."""
+    The cost is the service process's own CPU time, from its /metrics."""
     progress = progress or (lambda _n: None)
     headers = {"Authorization": f"Bearer {api_key}"}
-    start = time.monotonic()
     with httpx.Client(base_url=url, headers=headers, timeout=600) as http:
         _require_served(http, url, ref, manifest_sha256)
+        cpu_before = _service_cpu_seconds(http, url)
+        start, monitor = time.monotonic(), HostMonitor()
 
         def run(case: Case) -> CaseResult:
             result = _http_case(http, spec, case, ref, manifest_sha256)
             progress(1)
             return result
 
-        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        with concurrent.futures.ThreadPoolExecutor(spec.load.clients) as pool:
             results = list(pool.map(run, spec.cases))
+        wall = time.monotonic() - start
+        cpu = _service_cpu_seconds(http, url) - cpu_before
+        host = monitor.finish(measured_elsewhere=cpu)
         _require_served(http, url, ref, manifest_sha256)
-    wall = time.monotonic() - start
-    return RunResult(results, wall, wall * (os.cpu_count() or 1))
+    return RunResult(results, wall, cpu, host)
+
+
+def _service_cpu_seconds(http: httpx.Client, url: str) -> float:
+    """The service process's CPU seconds, from the standard process collector's counter."""
+    try:
+        response = http.get("/metrics")
+        response.raise_for_status()
+        for family in text_string_to_metric_families(response.text):
+            if family.name == "process_cpu_seconds":
+                return float(family.samples[0].value)
+    except (httpx.HTTPError, ValueError, IndexError) as exc:
+        raise EvalTargetError(f"cannot read the service's CPU time at {url}: {exc}") from exc
+    raise EvalTargetError(f"{url}/metrics exports no process_cpu_seconds_total")
 
 
 def _require_served(http: httpx.Client, url: str, ref: str, manifest_sha256: str) -> None:

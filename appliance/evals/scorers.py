@@ -3,7 +3,7 @@ case's `expected` table and the measured latency, and says pass or fail with a r
 
 Adding one is a few lines:
 
-    @scorer("starts_with")
+    @scorer("starts_with", requires=("prefix",))
     def starts_with(output: str, expected: dict, latency_ms: float) -> Score:
         return Score(output.lstrip().startswith(expected["prefix"]), "...")
 """
@@ -28,11 +28,14 @@ class Score:
 
 ScorerFn = Callable[[str, dict[str, Any], float], Score]
 SCORERS: dict[str, ScorerFn] = {}
+# The `expected` keys each scorer needs, checked when a spec loads.
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {}
 
 
-def scorer(name: str) -> Callable[[ScorerFn], ScorerFn]:
+def scorer(name: str, requires: tuple[str, ...] = ()) -> Callable[[ScorerFn], ScorerFn]:
     def register(fn: ScorerFn) -> ScorerFn:
         SCORERS[name] = fn
+        REQUIRED_KEYS[name] = requires
         return fn
 
     return register
@@ -45,12 +48,12 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text).split())
 
 
-@scorer("exact")
+@scorer("exact", requires=("text",))
 def exact(output: str, expected: dict[str, Any], _latency: float) -> Score:
     return Score(output.strip() == expected["text"].strip(), "output differs from expected text")
 
 
-@scorer("normalized_exact")
+@scorer("normalized_exact", requires=("text",))
 def normalized_exact(output: str, expected: dict[str, Any], _latency: float) -> Score:
     return Score(normalize(output) == normalize(expected["text"]), "normalized output differs")
 
@@ -68,7 +71,7 @@ def contains(output: str, expected: dict[str, Any], _latency: float) -> Score:
     return Score(not present, f"must not contain {present}")
 
 
-@scorer("regex")
+@scorer("regex", requires=("regex",))
 def regex(output: str, expected: dict[str, Any], _latency: float) -> Score:
     return Score(
         re.search(expected["regex"], output) is not None, f"no match for {expected['regex']!r}"
@@ -95,7 +98,7 @@ def json_valid(output: str, _expected: dict[str, Any], _latency: float) -> Score
     return Score(True)
 
 
-@scorer("json_schema")
+@scorer("json_schema", requires=("schema",))
 def json_schema(output: str, expected: dict[str, Any], _latency: float) -> Score:
     try:
         jsonschema.validate(_first_json(output), expected["schema"])
@@ -107,7 +110,7 @@ def json_schema(output: str, expected: dict[str, Any], _latency: float) -> Score
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?")
 
 
-@scorer("numeric")
+@scorer("numeric", requires=("number",))
 def numeric(output: str, expected: dict[str, Any], _latency: float) -> Score:
     match = _NUMBER.search(output)
     if match is None:
@@ -179,13 +182,13 @@ def pii_leak(output: str, _expected: dict[str, Any], _latency: float) -> Score:
     return Score(not leaked, f"personal data in the output: {leaked}")
 
 
-@scorer("max_length")
+@scorer("max_length", requires=("max_chars",))
 def max_length(output: str, expected: dict[str, Any], _latency: float) -> Score:
     limit = int(expected["max_chars"])
     return Score(len(output) <= limit, f"{len(output)} characters, limit {limit}")
 
 
-@scorer("latency")
+@scorer("latency", requires=("max_latency_ms",))
 def latency(_output: str, expected: dict[str, Any], latency_ms: float) -> Score:
     limit = float(expected["max_latency_ms"])
     return Score(latency_ms <= limit, f"{latency_ms:.0f} ms, limit {limit:.0f} ms")

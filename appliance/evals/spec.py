@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import UsageError
-from appliance.evals.scorers import SCORERS
+from appliance.evals.scorers import REQUIRED_KEYS, SCORERS
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,16 @@ class Gates:
 
 
 @dataclass(frozen=True)
+class Load:
+    """The load the gate is judged at: `clients` requests in flight, each timed from the
+    moment it is sent. When other processes use more than `max_busy_share` of the host's
+    CPU during the run, latency and cost are inconclusive (measured, not judged)."""
+
+    clients: int = 1
+    max_busy_share: float = 0.25
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     name: str
     temperature: float
@@ -53,6 +63,7 @@ class EvalSpec:
     max_tokens: int
     suites: tuple[Suite, ...]
     gates: Gates
+    load: Load = Load()
 
     @property
     def cases(self) -> list[Case]:
@@ -72,7 +83,10 @@ def load_spec(release_dir: Path) -> EvalSpec:
             max_tokens=int(sampling.get("max_tokens", 64)),
             suites=suites,
             gates=Gates(**gates),
+            load=Load(**raw.get("load", {})),
         )
+        if not 1 <= spec.load.clients <= 64:
+            raise ValueError(f"load.clients must be 1 to 64, not {spec.load.clients}")
     except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"the eval spec in {release_dir} is invalid: {exc}") from exc
     ids = [case.id for case in spec.cases]
@@ -92,6 +106,11 @@ def _case(suite: str, raw: dict[str, Any]) -> Case:
     unknown = [s for s in raw["scorers"] if s not in SCORERS]
     if unknown:
         raise ValueError(f"case {raw['id']}: unknown scorers {unknown}")
+    expected = raw.get("expected", {})
+    for name in raw["scorers"]:
+        missing = [key for key in REQUIRED_KEYS[name] if key not in expected]
+        if missing:
+            raise ValueError(f"case {raw['id']}: scorer {name} needs expected {missing}")
     source = raw["input"]
     messages = source.get("messages")
     return Case(
@@ -99,7 +118,7 @@ def _case(suite: str, raw: dict[str, Any]) -> Case:
         suite=suite,
         prompt=source.get("prompt"),
         messages=tuple((m["role"], m["content"]) for m in messages) if messages else None,
-        expected=dict(raw.get("expected", {})),
+        expected=dict(expected),
         scorers=tuple(raw["scorers"]),
         tags=tuple(raw.get("tags", [])),
         weight=float(raw.get("weight", 1.0)),

@@ -7,7 +7,13 @@ import random
 
 from appliance.telemetry.queries import percentile
 
-__all__ = ["mcnemar_exact", "paired_bootstrap_interval", "percentile", "wilson_interval"]
+__all__ = [
+    "mcnemar_exact",
+    "paired_bootstrap_interval",
+    "percentile",
+    "percentile_interval",
+    "wilson_interval",
+]
 
 Z_95 = 1.959963984540054
 
@@ -47,3 +53,18 @@ def paired_bootstrap_interval(
         sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples)
     )
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def percentile_interval(
+    values: list[float], q: float, resamples: int = 2000, seed: int = 0
+) -> tuple[float | None, float | None]:
+    """95% bootstrap percentile interval of the q-th percentile of `values` (resampling the
+    requests with replacement; deterministic for a given seed)."""
+    if not values:
+        return None, None
+    rng = random.Random(seed)
+    n = len(values)
+    estimates = sorted(
+        percentile([values[rng.randrange(n)] for _ in range(n)], q) for _ in range(resamples)
+    )
+    return estimates[int(0.025 * resamples)], estimates[int(0.975 * resamples) - 1]

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -13,6 +20,8 @@ class ServiceMetrics:
     def __init__(self, queue_depth: Callable[[], float], busy_slots: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_cpu_seconds_total and memory: `eval run --url` prices a run from it
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "appliance_requests",
             "Requests by endpoint and HTTP status",

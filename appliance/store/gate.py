@@ -87,4 +87,12 @@ def activation_gate(db: Database, manifest_sha256: str, release_spec_hash: str) 
         )
     if row["passed"]:
         return GateDecision(True, f"eval report {row['id']} passed", row)
+    verdict = json.loads(row["report"]).get("gate", {})
+    if not verdict.get("failures") and verdict.get("inconclusive"):
+        return GateDecision(
+            False,
+            f"the latest eval report ({row['id']}) is inconclusive on latency and cost "
+            "(the host was busy); rerun `appliance eval run` on a quiet host",
+            row,
+        )
     return GateDecision(False, f"the latest eval report ({row['id']}) failed", row)
