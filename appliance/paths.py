@@ -2,18 +2,21 @@
 
 With APPLIANCE_HOME set (tests, the demo, a developer's machine) everything lives under
 that directory; without it, the production layout (/etc/appliance, /var/lib/appliance,
-/var/cache/appliance) is used, below APPLIANCE_ROOT when that is set (an install into a
-directory tree, as `install.sh --root DIR` does).
+/var/cache/appliance) is used, below APPLIANCE_ROOT when that is set, else below the root
+`install.sh --root DIR` recorded in the installed environment (`appliance-root` beside
+its pyvenv.cfg), else below /.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 HOME_ENV = "APPLIANCE_HOME"
 ROOT_ENV = "APPLIANCE_ROOT"
+INSTALLED_ROOT_FILE = "appliance-root"  # written by install.sh into the venv it creates
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,14 @@ def appliance_paths() -> AppliancePaths:
     if home:
         root = Path(home).expanduser().resolve()
         return AppliancePaths(root / "etc", root / "var", root / "cache")
-    root = Path(os.environ.get(ROOT_ENV) or "/")
+    root = Path(os.environ.get(ROOT_ENV) or _installed_root() or "/")
     return AppliancePaths(
         root / "etc/appliance", root / "var/lib/appliance", root / "var/cache/appliance"
     )
+
+
+def _installed_root() -> str | None:
+    try:
+        return (Path(sys.prefix) / INSTALLED_ROOT_FILE).read_text().strip() or None
+    except OSError:
+        return None

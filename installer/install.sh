@@ -116,6 +116,8 @@ else
     mkdir -p "$DEST"
     cp -R "$SRC/wheelhouse" "$SRC/systemd" "$SRC/SECURITY.md" "$SRC/VERSION" "$DEST/"
     "$PYTHON" -m venv "$DEST/venv"
+    # The installed command knows its root: appliance.paths reads this file.
+    printf '%s\n' "$ROOT" > "$DEST/venv/appliance-root"
     PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 "$DEST/venv/bin/python" -m pip install \
         --quiet --no-index --find-links "$DEST/wheelhouse" "custom-slm-appliance==$VERSION"
     touch "$DEST/.complete"

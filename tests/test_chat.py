@@ -3,6 +3,8 @@ so a user cannot forge a turn by typing the template's control tokens."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import llama_cpp
@@ -80,3 +82,20 @@ def test_gemma_turns_cannot_be_forged(gemma_gguf: Path):
         assert before.count(start) == 3
     finally:
         engine.close()
+
+
+@pytest.mark.real_model
+def test_loading_gemma_prints_no_llama_cpp_warning_and_errors_still_show(
+    gemma_gguf: Path, tmp_path: Path
+):
+    """llama-cpp-python's log callback printed ggml warnings as errors (Gemma's harmless
+    "control-looking token ... probably a bug in the model" on every load) and hid errors."""
+    load = "from appliance.serve.engine import Engine, EngineConfig; import sys; " + (
+        "Engine(EngineConfig(__import__('pathlib').Path(sys.argv[1]), slots=1))"
+    )
+    done = subprocess.run([sys.executable, "-c", load, str(gemma_gguf)], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert b"control-looking" not in done.stderr and b"warning" not in done.stderr.lower()
+    missing = tmp_path / "missing.gguf"
+    failed = subprocess.run([sys.executable, "-c", load, str(missing)], capture_output=True)
+    assert failed.returncode != 0 and b"failed to" in failed.stderr.lower()

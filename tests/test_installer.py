@@ -86,9 +86,10 @@ def install(tarball: Path, root: Path, public_key: Path, *extra: str, env_extra=
 
 
 def installed(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_HOME"}
-    env["APPLIANCE_ROOT"] = str(root)
-    app = root / "opt/appliance/current/venv/bin/appliance"
+    """The installed command as an operator runs it: no environment says where its root
+    is (install.sh recorded it), so it must not touch this host's /etc or /var."""
+    env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_HOME", "APPLIANCE_ROOT")}
+    app = root / "usr/local/bin/appliance"
     return subprocess.run([str(app), *args], env=env, capture_output=True, text=True)
 
 

@@ -4,7 +4,9 @@ release over HTTP on loopback, driven by the official openai client and by raw H
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -437,3 +439,30 @@ def test_scheduler_expires_requests_past_their_deadline(tiny_gguf):
     assert events[-1].finish_reason == "timeout" and events[-1].completion_tokens < 50
     scheduler.stop()
     engine.close()
+
+
+def test_serve_on_a_port_in_use_fails_before_loading_and_never_says_serving(tiny_gguf, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                "serve",
+                "--port",
+                str(port),
+                "--model",
+                str(tiny_gguf),
+                "--insecure-no-auth",
+            ],  # fmt: skip
+            env={**os.environ, "APPLIANCE_HOME": str(tmp_path / "home")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 5, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "serving" not in done.stderr and "llama" not in done.stderr.lower()

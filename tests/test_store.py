@@ -322,3 +322,21 @@ def test_audit_verify_replays_every_kind_of_change(cli, run_cli, audited_store, 
     assert cli("release", "remove", "demo@2.0.0")[0] == 0
     code, status = cli("audit", "verify")
     assert code == 0 and status["state"] == "matches", status
+
+
+def test_an_api_key_is_revoked_by_the_key_itself_and_never_echoed(cli, run_cli):
+    created = cli("apikeys", "create", "--name", "ci")[1]
+    wrong = created["key"][:-4] + "XXXX"
+    result = run_cli("apikeys", "revoke", wrong)
+    assert result.exit_code == 24
+    assert wrong not in result.output and wrong[len("sk-appl-") + 6 :] not in result.output
+    code, row = cli("apikeys", "revoke", created["key"])
+    assert code == 0 and row["id"] == created["id"] and row["revoked"]
+
+
+def test_the_state_database_is_readable_by_its_owner_only(cli, appliance_home):
+    assert cli("apikeys", "create", "--name", "ci")[0] == 0
+    state = appliance_paths().state_db
+    for path in state.parent.glob(state.name + "*"):
+        if not path.name.endswith("-lock"):
+            assert path.stat().st_mode & 0o077 == 0, path

@@ -54,7 +54,8 @@ def list_keys(ctx: click.Context, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def revoke(ctx: click.Context, key: str, reason: str, as_json: bool) -> None:
-    """Revoke KEY (its id or its shown prefix); the service stops accepting it within seconds."""
+    """Revoke KEY (its id, its shown prefix or the key itself); the service stops accepting it
+    within seconds."""
     want_json_errors(ctx, as_json)
     row = revoke_api_key(ReleaseStore(appliance_paths()), key, reason)
     if as_json:

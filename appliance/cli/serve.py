@@ -126,6 +126,9 @@ def serve(
     listener = systemd_listen_socket()
     if listener is None and require_socket_activation:
         raise HostError("systemd passed no listening socket; start appliance.socket")
+    where = f"http://{host}:{port}" if listener is None else _describe(listener)
+    if listener is None:  # bind before loading a model: a taken port fails at once
+        listener = _listen(host, port)
     options = ServiceOptions(
         slots=slots,
         max_queue=max_queue,
@@ -135,20 +138,33 @@ def serve(
     )
     service = Service(appliance_paths(), options, dev_model=model)
     service.start()
-    where = f"http://{host}:{port}" if listener is None else _describe(listener)
-    model_id = service.runtime().model_id if service.runtime() else "nothing yet"
-    click.echo(f"serving {model_id} on {where}", err=True)
+
+    def announce() -> None:  # once the server accepts connections, not before
+        model_id = service.runtime().model_id if service.runtime() else "nothing yet"
+        click.echo(f"serving {model_id} on {where}", err=True)
+
     try:
         serve_forever(
             service,
-            host,
-            port,
-            listener=listener,
+            listener,
             read_timeout=read_timeout,
             idle_timeout=idle_timeout,
+            on_ready=announce,
         )
     finally:
         service.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(address[0], socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address[4])
+        listener.listen(2048)
+    except OSError as exc:
+        raise HostError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return listener
 
 
 def _describe(listener: socket.socket) -> str:

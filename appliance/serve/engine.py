@@ -49,9 +49,26 @@ class BatchItem:
     wants_logits: bool
 
 
+# ggml's log levels (ggml.h); 5 continues the previous line and is dropped with it.
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+@llama_cpp.llama_log_callback
+def _llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", "replace").rstrip()
+    logging.getLogger("appliance.llama").log(_GGML_LEVELS.get(level, logging.DEBUG), "%s", message)
+
+
 def _quiet_llama_logs() -> None:
-    # llama-cpp-python prints llama.cpp's log through this logger; keep only errors.
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    """llama.cpp's log through our logger, errors only unless configured otherwise.
+
+    llama-cpp-python's own callback maps ggml's levels one off: warnings print as errors
+    (every Gemma load printed "control-looking token ... probably a bug in the model", a
+    harmless note on how the vocabulary marks `</s>`) and real errors are hidden."""
+    llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
+    logger = logging.getLogger("appliance.llama")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
 
 
 class Sampler:

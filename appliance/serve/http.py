@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -133,30 +134,33 @@ class _SlowClientGuard(H11Protocol):
 
 
 class _NotifyingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_ready = on_ready
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             notify_systemd("READY=1")
+            self.on_ready()
 
 
 def serve_forever(
     service: Service,
-    host: str,
-    port: int,
+    listener: socket.socket,
     *,
-    listener: socket.socket | None = None,
     read_timeout: float,
     idle_timeout: float,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, on `listener` when given, else on a new socket on HOST:PORT.
+    """Serve on the listening socket `listener` until SIGTERM/SIGINT; `on_ready` runs once
+    connections are accepted.
 
     read_timeout: seconds a client has to send a whole request (head and body) from its
     first byte. idle_timeout: seconds a connection may stay open with no request under way.
     """
     config = uvicorn.Config(
         create_app(service),
-        host=host,
-        port=port,
         # Our h11 subclass, whatever else is installed: the slow-client deadlines live there.
         http=functools.partial(_SlowClientGuard, read_timeout=read_timeout),  # type: ignore[arg-type]
         timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]
@@ -165,4 +169,4 @@ def serve_forever(
         lifespan="off",
         timeout_graceful_shutdown=10,
     )
-    _NotifyingServer(config).run(sockets=[listener] if listener is not None else None)
+    _NotifyingServer(config, on_ready).run(sockets=[listener])

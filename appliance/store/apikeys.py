@@ -49,15 +49,18 @@ def list_api_keys(db: Database) -> list[dict[str, Any]]:
 
 
 def revoke_api_key(store: ReleaseStore, key: str, reason: str = "") -> dict[str, Any]:
-    """Revoke by id or by the key's shown prefix."""
+    """Revoke by id, by the key's shown prefix, or by the key itself (matched by its hash;
+    a key is never repeated in an error or a log)."""
+    presented = token_sha256(key)
     with store.admin() as db:
         rows = [
             r
             for r in db.query("SELECT * FROM api_keys")
-            if str(r["id"]) == key or r["prefix"] == key
+            if str(r["id"]) == key or r["prefix"] == key or r["sha256"] == presented
         ]
         if len(rows) != 1:
-            raise StoreError(f"no single API key matches {key!r} (give its id or prefix)")
+            shown = key if len(key) <= len(TOKEN_PREFIX) + 6 else key[: len(TOKEN_PREFIX) + 6]
+            raise StoreError(f"no single API key matches {shown!r}... (give its id or prefix)")
         row = rows[0]
         if row["revoked"] is None:
             row["revoked"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -6,7 +6,9 @@ the audit log and eval reports (telemetry joins it in a later migration).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
 import sqlite3
 from pathlib import Path
 
@@ -25,6 +27,12 @@ from appliance.trust.truststore import TrustStore
 def open_state_db(path: Path) -> Database:
     """Open (creating and migrating as needed) the state database."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Owner only (it holds API key hashes and the audit log); SQLite gives the -wal and
+    # -shm files the database file's mode. Only when creating it: closing another
+    # descriptor of an open database drops this process's POSIX locks on it.
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     conn = sqlite3.connect(str(path), timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # an acknowledged admin change survives power loss

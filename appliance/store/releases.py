@@ -55,7 +55,7 @@ from appliance.trust.verify import VerifiedBundle, verify_bundle, verify_directo
 
 Progress = Callable[[int], None]
 # Loads a staged release's model in a child process and raises if llama.cpp dies on it. The
-# store sits below the engine, so the caller hands it in (appliance.serve.runtime.probe_release).
+# store sits below the engine, so the caller hands it in (appliance.serve.probe.probe_release).
 ModelProbe = Callable[[Path], None]
 
 
