@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -286,6 +287,9 @@ def ensure_python_server() -> None:
 class RunningServer:
     def __init__(self, spec: ServerSpec, log: Path) -> None:
         self.spec, self.log = spec, log
+        with socket.socket() as probe:  # a leftover server would be measured instead
+            if probe.connect_ex(("127.0.0.1", spec.port)) == 0:
+                raise SystemExit(f"port {spec.port} is in use: stop what listens there first")
         env = {**os.environ, "APPLIANCE_HOME": tempfile.mkdtemp(prefix="bench-home-")}
         with open(log, "w") as out:
             self.process = subprocess.Popen(
@@ -297,7 +301,8 @@ class RunningServer:
             if self.process.poll() is not None:
                 raise SystemExit(f"{spec.name} exited early; see {log}")
             try:
-                if httpx.get(self.base + spec.ready_path, timeout=1).status_code == 200:
+                ready = httpx.get(self.base + spec.ready_path, timeout=1).status_code == 200
+                if ready and self.process.poll() is None:
                     return
             except httpx.HTTPError:
                 pass
@@ -330,8 +335,8 @@ def our_kv_cache_mib(model: Path) -> float | None:
         "import logging, sys\n"
         "from pathlib import Path\n"
         "import appliance.serve.engine as engine\n"
-        "engine._quiet_llama_logs = lambda: logging.getLogger('llama-cpp-python')"
-        ".setLevel(logging.INFO)\n"
+        "logging.basicConfig(format='%(message)s')\n"
+        "logging.getLogger('appliance.llama').setLevel(logging.INFO)\n"
         f"engine.Engine(engine.EngineConfig(Path({str(model)!r}), slots={SLOTS}, "
         f"context_per_slot={CONTEXT_PER_SLOT}))\n"
     )
