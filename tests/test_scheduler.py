@@ -15,6 +15,7 @@ from appliance.serve.scheduler import (
     Generation,
     PrefillPacer,
     Scheduler,
+    SchedulerDown,
 )
 
 
@@ -178,3 +179,25 @@ def test_a_long_prompt_is_prefilled_in_chunks_that_keep_running_streams_going():
     for _ in range(30):
         pacer.observe(generating=8, prefill=chunk, seconds=0.040 + chunk * 0.010)
     assert MIN_PREFILL_CHUNK <= pacer.budget(generating=8) < chunk
+
+
+class FailingEngine(Engine):
+    """The real engine, with a fault after it: freeing a slot fails (as a driver bug might)."""
+
+    def forget_sequence(self, sequence: int, from_position: int = 0) -> bool:
+        raise RuntimeError("injected fault in forget_sequence")
+
+
+def test_a_dead_decode_thread_fails_its_requests_and_refuses_new_ones(tiny_gguf):
+    engine = FailingEngine(EngineConfig(tiny_gguf, slots=2, context_per_slot=256))
+    scheduler = Scheduler(engine, max_queue=4)
+    events: list = []
+    finished = threading.Event()
+    generation = Generation(engine.tokenize("the model"), SamplingParams(), max_tokens=4)
+    scheduler.submit(generation, lambda e: e.finish_reason and (events.append(e), finished.set()))
+    assert finished.wait(60), "a request must not wait forever on a dead thread"
+    assert events[0].finish_reason == "error" and "injected fault" in events[0].error
+    assert scheduler.failure and "injected fault" in scheduler.failure
+    with pytest.raises(SchedulerDown):
+        scheduler.submit(generation, lambda e: None)
+    engine.close()

@@ -31,7 +31,7 @@ from appliance import __version__
 from appliance.serve.chat import ChatTemplateError
 from appliance.serve.config import MANIFEST_HEADER, SamplingParams
 from appliance.serve.runtime import ModelRuntime
-from appliance.serve.scheduler import Event, Generation, QueueFull, Unloading
+from appliance.serve.scheduler import Event, Generation, QueueFull, SchedulerDown, Unloading
 from appliance.serve.service import Service
 from appliance.store.apikeys import token_matches
 from appliance.telemetry.writer import RequestRecord
@@ -156,6 +156,9 @@ def create_app(service: Service) -> FastAPI:
         if current is None:
             body = {"status": "not_ready", "reason": failure or "loading the active release"}
             return JSONResponse(body, status_code=503)
+        died = current.scheduler.failure or service.telemetry.failure
+        if died:
+            return JSONResponse({"status": "not_ready", "reason": died}, status_code=503)
         body = {"status": "ready", "release": current.model_id}
         if failure:  # still serving the previous release
             body["failed_to_load"] = failure
@@ -262,6 +265,9 @@ async def _generate(
     relay = _Relay(service, runtime, kind, arrived, streaming=body.stream)
     try:
         relay.ticket = runtime.scheduler.submit(generation, relay.listener)
+    except SchedulerDown as exc:
+        _record(service, runtime, kind, 503, arrived, error_class="not_ready")
+        raise ApiError(503, str(exc), "server_error", "not_ready") from exc
     except QueueFull as exc:
         _record(service, runtime, kind, 429, arrived, error_class="queue_full")
         raise ApiError(

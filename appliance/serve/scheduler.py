@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 
 from appliance.serve.config import SamplingParams
 from appliance.serve.engine import BatchItem, Engine, Sampler
+
+log = logging.getLogger("appliance.serve")
 
 # A prefix another slot holds is copied when it is at least this many tokens longer than
 # what the chosen slot holds itself.
@@ -36,6 +39,10 @@ class QueueFull(Exception):
 
 class Unloading(Exception):
     """The model is being unloaded (a hot swap replaced it): submit to its successor."""
+
+
+class SchedulerDown(Exception):
+    """The decode thread died; this model serves nothing more (see Scheduler.failure)."""
 
 
 @dataclass(frozen=True)
@@ -169,12 +176,15 @@ class Scheduler:
         self._pacer = PrefillPacer(engine.config.batch_tokens)
         self._wake = threading.Condition()
         self._stopping = False
+        self.failure: str | None = None  # why the decode thread died, if it did
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 
     def submit(self, generation: Generation, listener: Listener) -> Ticket:
         active = _Active(generation, listener, threading.Event(), time.monotonic())
         with self._wake:
+            if self.failure is not None:
+                raise SchedulerDown(self.failure)
             if self._stopping:
                 raise Unloading("the model is being unloaded")
             if len(self._queue) >= self.max_queue:
@@ -199,6 +209,23 @@ class Scheduler:
     # -- the decode loop (scheduler thread only) ----------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - said in /readyz and the log, not lost
+            self._die(f"the decode thread died: {type(exc).__name__}: {exc}")
+
+    def _die(self, failure: str) -> None:
+        """End every request with an error and refuse new ones; /readyz reports it."""
+        log.critical("%s; this model serves nothing more", failure)
+        with self._wake:
+            self.failure = failure
+            pending = [*self._queue, *self._active.values()]
+            self._queue.clear()
+            self._active.clear()
+        for active in pending:
+            self._emit(active, Event(finish_reason="error", error=failure))
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._queue and not self._active and not self._stopping:
@@ -217,7 +244,11 @@ class Scheduler:
             if self._prefix_coming(active.generation.prompt_tokens):
                 deferred.append(active)
                 continue
-            active.slot, active.prefilled = self._claim_slot(active.generation.prompt_tokens)
+            try:
+                active.slot, active.prefilled = self._claim_slot(active.generation.prompt_tokens)
+            except BaseException:
+                self._queue.extendleft(reversed([*deferred, active]))  # owed answers: _die
+                raise
             active.decoded = active.generation.prompt_tokens[: active.prefilled]
             active.sampler = Sampler(active.generation.sampling)
             active.started_at = time.monotonic()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from sqlite_utils import Database
+
+log = logging.getLogger("appliance.telemetry")
 
 FLUSH_SECONDS = 0.5
 PRUNE_SECONDS = 60.0
@@ -39,6 +43,7 @@ class TelemetryWriter:
         self._pending: queue.Queue[RequestRecord] = queue.Queue(max_pending)
         self._stop = threading.Event()
         self.dropped = 0
+        self.failure: str | None = None  # why the writer thread died, if it did
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
         self._thread.start()
 
@@ -53,15 +58,27 @@ class TelemetryWriter:
         self._thread.join()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # said in /readyz and the log, not lost
+            self.failure = f"the telemetry thread died: {type(exc).__name__}: {exc}"
+            log.critical("%s", self.failure)
+
+    def _loop(self) -> None:
         db = self._open_db()
         last_prune = 0.0
         while not self._stop.is_set():
             self._stop.wait(FLUSH_SECONDS)
-            self._flush(db)
-            if time.monotonic() - last_prune > PRUNE_SECONDS:
-                db.execute("DELETE FROM requests WHERE time < ?", [time.time() - self._retention])
-                db.conn.commit()
-                last_prune = time.monotonic()
+            try:
+                self._flush(db)
+                if time.monotonic() - last_prune > PRUNE_SECONDS:
+                    db.execute(
+                        "DELETE FROM requests WHERE time < ?", [time.time() - self._retention]
+                    )
+                    db.conn.commit()
+                    last_prune = time.monotonic()
+            except sqlite3.OperationalError as exc:  # a locked database: try again next tick
+                log.warning("telemetry not written yet: %s", exc)
         self._flush(db)
         db.close()
 
