@@ -131,3 +131,25 @@ class EvalTargetError(ApplianceError):
     """The service an eval runs against does not serve the exact release being evaluated."""
 
     exit_code = 26
+
+
+class EngineError(ApplianceError):
+    """llama.cpp could not load a model or decode a batch."""
+
+    exit_code = 30
+
+
+class ChatTemplateError(ApplianceError):
+    """The chat template could not render these messages."""
+
+    exit_code = 31
+
+
+class GateFailed(GateError):
+    """The release's latest eval report failed a gate criterion, or could not judge
+    latency and cost on a busy host: the exit code is the criterion's (40-44) or 45
+    (appliance.evals.report.CRITERIA and INCONCLUSIVE_EXIT)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -154,3 +154,25 @@ def test_concurrent_trust_changes_are_not_lost(make_key, tmp_path):
         pool.map(_trust_in_subprocess, [(str(store), str(k.public)) for k in keys])
     listed = json.loads(store.read_text())
     assert {k["key_id"] for k in listed["keys"]} == {k.key_id for k in keys}
+
+
+def test_security_md_documents_every_exit_code_the_error_hierarchy_uses():
+    """One error hierarchy (appliance/errors.py) and one table (SECURITY.md) that match."""
+    import inspect
+    import re
+
+    import appliance.errors as errors
+    from appliance.evals.report import CRITERIA, INCONCLUSIVE_EXIT
+
+    table = (Path(__file__).parent.parent / "SECURITY.md").read_text()
+    documented: set[int] = set()
+    for first, last in re.findall(r"^\| (\d+)(?:-(\d+))? \|", table, flags=re.M):
+        documented |= set(range(int(first), int(last or first) + 1))
+    used = {
+        cls.exit_code
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.ApplianceError) and cls is not errors.GateFailed
+    }
+    used |= set(CRITERIA.values()) | {INCONCLUSIVE_EXIT}
+    assert used <= documented, f"undocumented exit codes: {sorted(used - documented)}"
+    assert documented - used <= {0, 2}, f"documented but unused: {sorted(documented - used)}"

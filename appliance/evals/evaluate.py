@@ -7,21 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import GateError
+from appliance.errors import GateError, GateFailed
 from appliance.evals.report import build_report, exit_code, write_reports
 from appliance.evals.runner import Progress, run_in_process, run_over_http
 from appliance.evals.spec import load_spec
 from appliance.store.gate import host_id
 from appliance.store.releases import Release, ReleaseStore
-
-
-class GateFailed(GateError):
-    """The release's latest eval report failed a gate criterion (exit code per criterion),
-    or could not judge latency and cost on a busy host (45)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import __version__
-from appliance.serve.chat import ChatTemplateError
+from appliance.errors import ChatTemplateError
 from appliance.serve.config import MANIFEST_HEADER, SamplingParams
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, Generation, QueueFull, SchedulerDown, Unloading

@@ -19,7 +19,7 @@ import secrets
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from appliance.errors import ApplianceError
+from appliance.errors import ChatTemplateError
 from appliance.serve.engine import Engine
 
 BUILTIN_FOR_ARCHITECTURE = {"gemma3": "gemma", "gemma2": "gemma", "gemma": "gemma"}
@@ -30,12 +30,6 @@ _ASCII_SPACE = " \t\n\r\v\f"
 log = logging.getLogger("appliance.serve")
 
 Piece = tuple[str, bool]  # (text, is_markup)
-
-
-class ChatTemplateError(ApplianceError):
-    """The chat template could not render these messages."""
-
-    exit_code = 31
 
 
 class ChatFormatter:

@@ -17,18 +17,12 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, EngineError
 from appliance.serve.config import SamplingParams
 
 DEFAULT_SEED = llama_cpp.LLAMA_DEFAULT_SEED
 _LSTRIP, _RSTRIP = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP, llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
 _ASCII_SPACE = " \t\n\r\v\f"  # what llama.cpp's isspace() strips around such tokens
-
-
-class EngineError(ApplianceError):
-    """llama.cpp could not load a model or decode a batch."""
-
-    exit_code = 30
 
 
 @dataclass(frozen=True)
