@@ -19,6 +19,7 @@ import openai
 import pytest
 from click.testing import CliRunner
 from conftest import write_bundle_dir
+from prometheus_client.parser import text_string_to_metric_families
 from serving import Server, start_server, wait_for
 
 from appliance.build.builder import build_bundle
@@ -94,10 +95,33 @@ def test_openai_client_chat_completions_and_streaming(server: Server):
     assert [m.id for m in client.models.list()] == ["demo@1.0.0"]
 
 
+def scrape(server: Server) -> dict[str, float]:
+    """Every sample on /metrics, by name and labels, as prometheus_client parses it."""
+    text = httpx.get(server.url + "/metrics").text
+    return {
+        sample.name + str(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_health_readiness_and_metrics(server: Server):
     assert httpx.get(server.url + "/healthz").json() == {"status": "alive"}
     assert httpx.get(server.url + "/readyz").json() == {"status": "ready", "release": "demo@1.0.0"}
-    server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    before = scrape(server)
+    response = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert response.status_code == 200
+    after = scrape(server)
+    ok = "appliance_requests_total[('endpoint', 'completions'), ('status', '200')]"
+    assert after[ok] == before.get(ok, 0) + 1, "one more successful request is counted"
+    usage = response.json()["usage"]
+    for name, delta in (
+        ("appliance_prompt_tokens_total[]", usage["prompt_tokens"]),
+        ("appliance_completion_tokens_total[]", usage["completion_tokens"]),
+        ("appliance_request_latency_seconds_count[]", 1),
+        ("appliance_time_to_first_token_seconds_count[]", 1),
+    ):
+        assert after[name] - before.get(name, 0) == delta, name
     metrics = httpx.get(server.url + "/metrics").text
     for series in (
         "appliance_requests_total",
