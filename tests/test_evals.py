@@ -476,3 +476,15 @@ def test_gate_rejects_a_degraded_release_and_accepts_the_good_one(
     assert code == 0, result
     report = json.loads(Path(result["files"]["json"]).read_text())
     assert report["regression"]["flipped_to_fail"] == [] and report["regression"]["mcnemar_p"] == 1
+
+
+def test_an_installed_spec_edited_after_install_is_refused_before_it_is_read(
+    cli, tmp_path, tiny_gguf
+):
+    ref = tiny_release(cli, tmp_path, tiny_gguf, 0.0, "1.0.0", 1)
+    spec = Path(cli("release", "show", ref)[1]["path"]) / "eval/spec.toml"
+    spec.chmod(0o644)
+    spec.write_text(spec.read_text() + "\n[load]\nclients = 99\n")  # would be refused as usage
+    code, error = cli("eval", "run", ref)
+    assert code == 13 and "spec.toml" in error["error"], error
+    assert not any(r["action"] == "eval" for r in cli("audit", "list")[1]["rows"])

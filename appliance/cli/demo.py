@@ -12,7 +12,7 @@ from appliance.build.spec import load_bundle_spec
 from appliance.cli.common import load_key_file, progress_bar
 from appliance.cli.serve import serve
 from appliance.errors import StoreError
-from appliance.evals.evaluate import evaluate_release, judge_gate, planned_cases
+from appliance.evals.evaluate import evaluate_release, judge_gate, plan_evaluation
 from appliance.evals.report import verdict_word
 from appliance.paths import appliance_paths
 from appliance.serve.probe import probe_release
@@ -132,10 +132,11 @@ def _demo_key(store: ReleaseStore) -> Path:
 
 def _run_gate(store: ReleaseStore, ref: str) -> None:
     """The frozen eval spec on this host; the release may serve only if it passes."""
-    total = planned_cases(store, ref)
+    plan = plan_evaluation(store, ref)
+    total = plan.case_runs
     click.echo(f"[5/6] eval gate: running the frozen spec on this host ({total} case runs)")
     with progress_bar(total, "      evaluating", enabled=True) as update:
-        evaluation = evaluate_release(store, ref, progress=update)
+        evaluation = evaluate_release(store, plan, progress=update)
     report, verdict = evaluation.report, evaluation.report["gate"]
     overall = report["overall"]
     click.echo(

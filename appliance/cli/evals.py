@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from appliance.cli.common import emit_json, json_option, progress_bar, want_json_errors
-from appliance.evals.evaluate import evaluate_release, judge_gate, planned_cases
+from appliance.evals.evaluate import evaluate_release, judge_gate, plan_evaluation
 from appliance.evals.report import exit_code, verdict_word
 from appliance.paths import appliance_paths
 from appliance.store.releases import ReleaseStore
@@ -53,9 +53,10 @@ def run(
     want_json_errors(ctx, as_json)
     store = ReleaseStore(appliance_paths())
     baseline_ref = None if baseline == "none" else baseline
-    total = planned_cases(store, ref, baseline_ref)
+    plan = plan_evaluation(store, ref, baseline_ref)
+    total = plan.case_runs
     with progress_bar(total, "evaluating", enabled=not as_json) as update:
-        evaluation = evaluate_release(store, ref, baseline_ref, url, api_key, update)
+        evaluation = evaluate_release(store, plan, url, api_key, update)
     report = evaluation.report
     code = exit_code(report["gate"])
     if as_json:

@@ -10,9 +10,34 @@ from typing import Any
 from appliance.errors import GateError, GateFailed
 from appliance.evals.report import build_report, exit_code, write_reports
 from appliance.evals.runner import Progress, run_in_process, run_over_http
-from appliance.evals.spec import load_spec
+from appliance.evals.spec import EvalSpec, load_spec
 from appliance.store.gate import host_id
 from appliance.store.releases import Release, ReleaseStore
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """A candidate and its baseline, both re-verified, and the spec read from the
+    verified candidate: what an evaluation will run."""
+
+    release: Release
+    baseline: Release | None
+    spec: EvalSpec
+
+    @property
+    def case_runs(self) -> int:
+        """How many case runs the evaluation makes (for progress bars)."""
+        return len(self.spec.cases) * (2 if self.baseline else 1)
+
+
+def plan_evaluation(store: ReleaseStore, ref: str, baseline_ref: str | None = "active") -> EvalPlan:
+    """Verify the candidate (and the baseline) first: nothing is read from a release
+    directory, the spec included, before its files and signatures check out."""
+    release, baseline = releases_to_run(store, ref, baseline_ref)
+    store.verify_installed(release)
+    if baseline is not None:
+        store.verify_installed(baseline)
+    return EvalPlan(release, baseline, load_spec(Path(release.path)))
 
 
 @dataclass(frozen=True)
@@ -24,24 +49,20 @@ class Evaluation:
 
 def evaluate_release(
     store: ReleaseStore,
-    ref: str,
-    baseline_ref: str | None = "active",
+    plan: EvalPlan,
     url: str | None = None,
     api_key: str = "",
     progress: Progress | None = None,
 ) -> Evaluation:
     """Run the release's frozen spec (in-process, or against the service at `url`), compare
     with the baseline (default: the active release) on the same cases, store the report."""
-    release, baseline = releases_to_run(store, ref, baseline_ref)
-    store.verify_installed(release)  # only verified files are loaded
-    spec = load_spec(Path(release.path))
+    release, baseline, spec = plan.release, plan.baseline, plan.spec
     if url:  # refused unless the service serves exactly these signed bytes
         run = run_over_http(spec, url, api_key, release.ref, release.manifest_sha256, progress)
     else:
         run = run_in_process(spec, Path(release.path), progress)
     compared = None
     if baseline is not None:
-        store.verify_installed(baseline)
         compared = (baseline.ref, run_in_process(spec, Path(baseline.path), progress))
     report = build_report(
         spec, run, release.ref, release.manifest_sha256, release.spec_hash, host_id(), compared
@@ -69,12 +90,6 @@ def releases_to_run(
         return release, store.release(db, baseline_ref)
     finally:
         db.close()
-
-
-def planned_cases(store: ReleaseStore, ref: str, baseline_ref: str | None = "active") -> int:
-    """How many case runs an evaluation makes (for progress bars)."""
-    release, baseline = releases_to_run(store, ref, baseline_ref)
-    return len(load_spec(Path(release.path)).cases) * (2 if baseline else 1)
 
 
 def judge_gate(store: ReleaseStore, ref: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The frozen eval spec of a release: eval/spec.toml and its JSONL golden sets.
 
-It travels inside the signed bundle, so it is read only from a verified release
-directory. Its hash (appliance.store.gate.spec_hash) covers every eval file and the GGUF.
+It travels inside the signed bundle, so it is read only from a release directory that
+was just re-verified (appliance.evals.evaluate.plan_evaluation). Its hash
+(appliance.store.gate.spec_hash) covers every signed file but the cards.
 """
 
 from __future__ import annotations
