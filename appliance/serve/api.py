@@ -33,7 +33,6 @@ from appliance.serve.config import MANIFEST_HEADER, SamplingParams
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, Generation, QueueFull, SchedulerDown, Unloading
 from appliance.serve.service import Service
-from appliance.store.apikeys import token_matches
 from appliance.telemetry.writer import RequestRecord
 
 MAX_TOKENS_LIMIT = 1_000_000
@@ -599,9 +598,7 @@ class Gate:
             return True
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and token_matches(
-            token.strip(), self.service.api_key_hashes
-        )
+        return scheme.lower() == "bearer" and self.service.accepts_key(token.strip())
 
 
 def _needs_key(path: str) -> bool:

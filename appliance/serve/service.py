@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from appliance.paths import AppliancePaths
 from appliance.serve.config import ServiceOptions, ServingConfig
 from appliance.serve.metrics import ServiceMetrics
 from appliance.serve.runtime import ModelRuntime
-from appliance.store.apikeys import active_key_hashes
+from appliance.store.apikeys import active_key_hashes, token_matches
 from appliance.store.db import open_state_db
 from appliance.store.releases import Release, ReleaseStore
 from appliance.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger("appliance.serve")
+KEY_RECHECK_SECONDS = 0.25
 
 
 class Service:
@@ -41,6 +43,7 @@ class Service:
         self._failed_manifest: str | None = None  # the active release that failed to load
         self.load_failure: str | None = None  # why it failed, for /readyz and the log
         self.api_key_hashes: tuple[str, ...] = ()
+        self._keys_read_at = 0.0  # time.monotonic() of the last read prompted by a key
         self.metrics = ServiceMetrics(self._queue_depth, self._busy_slots)
         self.telemetry = TelemetryWriter(
             lambda: open_state_db(paths.state_db), options.telemetry_retention_days * 86400
@@ -48,6 +51,24 @@ class Service:
         self._watcher = threading.Thread(target=self._watch, name="release-watcher", daemon=True)
 
     # -- what the API uses --------------------------------------------------------------
+
+    def accepts_key(self, token: str) -> bool:
+        """Is `token` an active API key? An unknown one prompts a fresh read of the keys (at
+        most every KEY_RECHECK_SECONDS), so a key works the moment it is created instead of
+        after the next poll. Revocation takes effect at the next poll."""
+        if token_matches(token, self.api_key_hashes):
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if now - self._keys_read_at < KEY_RECHECK_SECONDS:
+                return False
+            self._keys_read_at = now
+        db = open_state_db(self.paths.state_db)
+        try:
+            self.api_key_hashes = active_key_hashes(db)
+        finally:
+            db.close()
+        return token_matches(token, self.api_key_hashes)
 
     def runtime(self) -> ModelRuntime | None:
         return self._runtime
