@@ -99,11 +99,15 @@ def greedy_outputs(engine: Engine, prompts: list[str], max_tokens: int = 10) -> 
 
         return on_event
 
-    for index, prompt in enumerate(prompts):
-        generation = Generation(
-            engine.tokenize(prompt), SamplingParams(temperature=0), max_tokens, ignore_eos=True
-        )
-        scheduler.submit(generation, listener(index))
+    generations = [
+        Generation(engine.tokenize(p), SamplingParams(temperature=0), max_tokens, ignore_eos=True)
+        for p in prompts
+    ]
+    # All at once, for real: the decode thread admits nothing until every one is queued
+    # (else, on a loaded host, the first could finish before the last arrives).
+    with scheduler._wake:
+        for index, generation in enumerate(generations):
+            scheduler.submit(generation, listener(index))
     for event in finished:
         assert event.wait(120)
     scheduler.stop()

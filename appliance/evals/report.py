@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
-from appliance.evals.spec import EvalSpec, Gates
+from appliance.evals.spec import EvalSpec
 
 if TYPE_CHECKING:  # the console reads reports without loading the engine
     from appliance.evals.runner import CaseResult, RunResult
@@ -35,7 +35,6 @@ CRITERIA = {
 }
 # Latency and cost were measured on a host other processes kept busy: not judged.
 INCONCLUSIVE_EXIT = 45
-HOST_SENSITIVE = ("p95_latency", "cost_per_success")
 
 
 def build_report(
@@ -202,23 +201,21 @@ def gate_verdict(spec: EvalSpec, report: dict[str, Any]) -> dict[str, Any]:
             f"other processes used {busy:.0%} of the host's CPU (limit "
             f"{spec.load.max_busy_share:.0%}): rerun on a quiet host"
         )
-        judged = [f for f in failures if f["criterion"] not in HOST_SENSITIVE]
+        host_sensitive = {
+            "p95_latency": gates.max_p95_latency_ms,
+            "cost_per_success": gates.max_cost_per_success,
+        }
+        failures = [f for f in failures if f["criterion"] not in host_sensitive]
         inconclusive = [
             {"criterion": name, "detail": reason}
-            for name in HOST_SENSITIVE
-            if _has_limit(gates, name)
+            for name, limit in host_sensitive.items()
+            if limit is not None
         ]
-        failures = judged
     return {
         "passed": not failures and not inconclusive,
         "failures": failures,
         "inconclusive": inconclusive,
     }
-
-
-def _has_limit(gates: Gates, criterion: str) -> bool:
-    limit = gates.max_p95_latency_ms if criterion == "p95_latency" else gates.max_cost_per_success
-    return limit is not None
 
 
 def exit_code(verdict: dict[str, Any]) -> int:

@@ -211,7 +211,7 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException as exc:  # noqa: BLE001 - said in /readyz and the log, not lost
+        except BaseException as exc:  # said in /readyz and the log, not lost
             self._die(f"the decode thread died: {type(exc).__name__}: {exc}")
 
     def _die(self, failure: str) -> None:
