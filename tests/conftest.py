@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner, Result
 from tinymodel import write_tiny_gguf
 
-from appliance.build.builder import build_bundle
-from appliance.build.spec import load_bundle_spec
+from appliance.bundler.builder import build_bundle
+from appliance.bundler.spec import load_bundle_spec
 from appliance.cli import cli
 from appliance.paths import HOME_ENV, appliance_paths
 from appliance.store.releases import ReleaseStore

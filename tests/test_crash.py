@@ -110,6 +110,56 @@ def test_rollback_killed(one_active, appliance_home, point):
     assert_consistent("demo@1.0.0", appliance_home)
 
 
+@pytest.fixture
+def second_public_key(tmp_path):
+    made = appliance("keys", "generate", "--out", tmp_path / "k2", "--name", "second", "--json")
+    assert made.returncode == 0, made.stderr
+    return json.loads(made.stdout)
+
+
+KEY_CHANGES = {
+    "trust": lambda key: ("keys", "trust", key["public_key"]),
+    "revoke": lambda key: ("keys", "revoke", key["key_id"][:16], "--reason", "t"),
+    "threshold": lambda key: ("keys", "threshold", "2"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(KEY_CHANGES))
+def test_key_change_whose_write_fails_leaves_no_audit_row(
+    one_active, appliance_home, second_public_key, change
+):
+    """The trust store is written after the audit row, in its transaction: a write that fails
+    (a full disk) or a kill just before it leaves both as they were."""
+    if change != "trust":
+        assert appliance(*KEY_CHANGES["trust"](second_public_key)).returncode == 0
+    trust_file = appliance_home / "etc" / "trust.json"
+    before, rows = trust_file.read_bytes(), _audit_rows()
+    command = KEY_CHANGES[change](second_public_key)
+    failed = appliance(*command, fault="keys.before_write:enospc")
+    assert failed.returncode == 5, failed.stderr
+    assert appliance(*command, fault="keys.before_write").returncode == -signal.SIGKILL
+    assert trust_file.read_bytes() == before and _audit_rows() == rows
+    assert_consistent("demo@1.0.0", appliance_home)
+    assert appliance(*command).returncode == 0
+    assert trust_file.read_bytes() != before and len(_audit_rows()) == len(rows) + 1
+    assert appliance("audit", "verify").returncode == 0
+
+
+def test_key_change_killed_before_its_commit_is_reported_by_audit_verify(
+    one_active, appliance_home, second_public_key
+):
+    command = KEY_CHANGES["trust"](second_public_key)
+    assert appliance(*command, fault="keys.after_write").returncode == -signal.SIGKILL
+    verified = appliance("audit", "verify")
+    assert verified.returncode == 25
+    assert "state changed outside the audit log" in verified.stderr
+    assert "trust" in verified.stderr
+
+
+def _audit_rows() -> list[dict]:
+    return json.loads(appliance("audit", "list", "--json").stdout)["rows"]
+
+
 def test_remove_killed_after_commit(one_active, appliance_home):
     assert appliance("release", "install", one_active).returncode == 0
     killed = appliance("release", "remove", "demo@2.0.0", fault="remove.after_commit")

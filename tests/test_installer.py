@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from appliance.build.installer import build_installer
+from appliance.bundler.installer import build_installer
 from appliance.trust.crypto import load_public_key, load_signing_key
 from appliance.trust.keyfiles import write_key_pair
 

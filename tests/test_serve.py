@@ -22,8 +22,8 @@ from conftest import write_bundle_dir
 from prometheus_client.parser import text_string_to_metric_families
 from serving import Server, start_server, wait_for
 
-from appliance.build.builder import build_bundle
-from appliance.build.spec import load_bundle_spec
+from appliance.bundler.builder import build_bundle
+from appliance.bundler.spec import load_bundle_spec
 from appliance.cli import cli
 from appliance.serve.service import KEY_RECHECK_SECONDS
 from appliance.trust.crypto import load_signing_key

@@ -96,8 +96,8 @@ def test_install_refuses_a_model_that_aborts_llama_cpp(cli, tmp_path, trusted_ke
     from conftest import write_bundle_dir
     from tinymodel import write_tiny_gguf
 
-    from appliance.build.builder import build_bundle
-    from appliance.build.spec import load_bundle_spec
+    from appliance.bundler.builder import build_bundle
+    from appliance.bundler.spec import load_bundle_spec
 
     model = write_tiny_gguf(tmp_path / "aborts.gguf", aborts_llama_cpp=True)
     spec = load_bundle_spec(write_bundle_dir(tmp_path / "src", model))

@@ -30,8 +30,8 @@ from gguf import GGUFWriter
 from test_bundle import SIGNED_FILES
 from tinymodel import write_tiny_gguf
 
-from appliance.build.builder import build_bundle
-from appliance.build.spec import load_bundle_spec
+from appliance.bundler.builder import build_bundle
+from appliance.bundler.spec import load_bundle_spec
 from appliance.trust.manifest import FileEntry, Manifest, statement_bytes
 from appliance.trust.signature import parse_signature_file, sign_payload
 
@@ -508,6 +508,21 @@ def test_signed_digest_with_newline(verify, members, tmp_path, trusted_key):
     code, message = verify(bundle)
     assert code == 10
     assert "bad or duplicate file" in message
+
+
+def test_signed_statement_in_another_serialization_is_refused(
+    verify, members, tmp_path, trusted_key
+):
+    """The same Statement re-serialized (indented, validly signed) is refused: a release's
+    manifest digest is the sha256 of exactly the bytes its signatures cover."""
+    files = content(members)
+    entries = {n: FileEntry(hashlib.sha256(d).hexdigest(), len(d)) for n, d in files.items()}
+    canonical = statement_bytes(Manifest(CRAFTED_RELEASE, entries))
+    indented = json.dumps(json.loads(canonical), indent=1).encode()
+    key = [trusted_key.signing_key]
+    assert verify(bundle_signing(tmp_path / "a.tar", canonical, files, key)) == (0, "verified")
+    bundle = bundle_signing(tmp_path / "b.tar", indented, files, key)
+    assert verify(bundle) == (10, "signed statement is not in canonical form")
 
 
 # -- GGUF metadata that aborts llama.cpp -------------------------------------------------

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from appliance.cli.common import emit_json, json_option, want_json_errors
-from appliance.paths import appliance_paths
+from appliance.cli.common import emit_json, json_option, pass_store, reason_option
 from appliance.store.apikeys import create_api_key, list_api_keys, revoke_api_key
 from appliance.store.releases import ReleaseStore
 
@@ -18,11 +17,10 @@ def apikeys() -> None:
 @apikeys.command()
 @click.option("--name", required=True, help="Who or what uses the key.")
 @json_option
-@click.pass_context
-def create(ctx: click.Context, name: str, as_json: bool) -> None:
+@pass_store
+def create(store: ReleaseStore, name: str, as_json: bool) -> None:
     """Create a key; it is printed once and stored only as a hash."""
-    want_json_errors(ctx, as_json)
-    row, token = create_api_key(ReleaseStore(appliance_paths()), name)
+    row, token = create_api_key(store, name)
     if as_json:
         emit_json({**row, "key": token})
     else:
@@ -33,11 +31,11 @@ def create(ctx: click.Context, name: str, as_json: bool) -> None:
 
 @apikeys.command(name="list")
 @json_option
-@click.pass_context
-def list_keys(ctx: click.Context, as_json: bool) -> None:
+@pass_store
+def list_keys(store: ReleaseStore, as_json: bool) -> None:
     """List keys (id, name, prefix, created, revoked); never the keys themselves."""
-    want_json_errors(ctx, as_json)
-    rows = list_api_keys(ReleaseStore(appliance_paths()).open_db())
+    with store.reading() as db:
+        rows = list_api_keys(db)
     if as_json:
         emit_json({"keys": rows})
         return
@@ -50,14 +48,13 @@ def list_keys(ctx: click.Context, as_json: bool) -> None:
 
 @apikeys.command()
 @click.argument("key")
-@click.option("--reason", default="", help="Why; recorded in the audit log.")
+@reason_option
 @json_option
-@click.pass_context
-def revoke(ctx: click.Context, key: str, reason: str, as_json: bool) -> None:
+@pass_store
+def revoke(store: ReleaseStore, key: str, reason: str, as_json: bool) -> None:
     """Revoke KEY (its id, its shown prefix or the key itself); the service stops accepting it
     within seconds."""
-    want_json_errors(ctx, as_json)
-    row = revoke_api_key(ReleaseStore(appliance_paths()), key, reason)
+    row = revoke_api_key(store, key, reason)
     if as_json:
         emit_json(row)
     else:

@@ -6,12 +6,11 @@ import json
 
 import click
 
-from appliance.cli.common import emit_json, json_option, want_json_errors
+from appliance.cli.common import emit_json, json_option, pass_store
 from appliance.errors import AuditChainError
-from appliance.paths import appliance_paths
 from appliance.store import audit as audit_log
 from appliance.store import ledger
-from appliance.store.db import open_state_db
+from appliance.store.releases import ReleaseStore
 from appliance.trust.truststore import load_trust_store
 
 
@@ -23,11 +22,11 @@ def audit() -> None:
 @audit.command(name="list")
 @click.option("--limit", type=int, default=None, help="Show only the newest N rows.")
 @json_option
-@click.pass_context
-def list_rows(ctx: click.Context, limit: int | None, as_json: bool) -> None:
+@pass_store
+def list_rows(store: ReleaseStore, limit: int | None, as_json: bool) -> None:
     """List audit rows, newest first."""
-    want_json_errors(ctx, as_json)
-    rows = audit_log.rows(open_state_db(appliance_paths().state_db), limit)
+    with store.reading() as db:
+        rows = audit_log.rows(db, limit)
     if as_json:
         emit_json({"rows": [{**r, "details": json.loads(r["details"])} for r in rows]})
         return
@@ -40,18 +39,18 @@ def list_rows(ctx: click.Context, limit: int | None, as_json: bool) -> None:
 
 @audit.command(name="verify")
 @json_option
-@click.pass_context
-def verify_log(ctx: click.Context, as_json: bool) -> None:
+@pass_store
+def verify_log(store: ReleaseStore, as_json: bool) -> None:
     """Check the hash chain, then replay the log and compare the state it implies with the
     live state (releases, active and previous good, freeze, sequence floors, eval
     reports, API keys, trust store). Names the first broken row or each difference."""
-    want_json_errors(ctx, as_json)
-    paths = appliance_paths()
-    db = open_state_db(paths.state_db)
-    status = audit_log.verify_chain(db)
-    if not status.ok:
-        raise AuditChainError(f"audit log broken at row {status.first_bad_id}: {status.problem}")
-    found = ledger.check_state(db, load_trust_store(paths.trust_store))
+    with store.reading() as db:
+        status = audit_log.verify_chain(db)
+        if not status.ok:
+            raise AuditChainError(
+                f"audit log broken at row {status.first_bad_id}: {status.problem}"
+            )
+        found = ledger.check_state(db, load_trust_store(store.paths.trust_store))
     if found:
         raise AuditChainError("state changed outside the audit log: " + "; ".join(found))
     if as_json:

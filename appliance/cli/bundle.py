@@ -7,14 +7,15 @@ from typing import Any
 
 import click
 
-from appliance.build.builder import build_bundle, source_model
-from appliance.build.spec import load_bundle_spec
+from appliance.bundler.builder import build_bundle, source_model
+from appliance.bundler.spec import load_bundle_spec
 from appliance.cli.common import (
     emit_json,
     json_option,
     load_key_file,
+    out_dir_option,
+    private_key_option,
     progress_bar,
-    want_json_errors,
 )
 from appliance.paths import appliance_paths
 from appliance.trust.truststore import load_trust_store
@@ -28,28 +29,11 @@ def bundle() -> None:
 
 @bundle.command()
 @click.argument("bundle_toml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--key",
-    "key_paths",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Private signing key (PEM); repeat for several signatures.",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to write NAME-VERSION.tar into.",
-)
+@private_key_option("Private signing key (PEM); repeat for several signatures.", multiple=True)
+@out_dir_option("Directory to write NAME-VERSION.tar into.")
 @json_option
-@click.pass_context
-def build(
-    ctx: click.Context, bundle_toml: Path, key_paths: tuple[Path, ...], out_dir: Path, as_json: bool
-) -> None:
+def build(bundle_toml: Path, key_paths: tuple[Path, ...], out_dir: Path, as_json: bool) -> None:
     """Build and sign the release described by BUNDLE_TOML."""
-    want_json_errors(ctx, as_json)
     spec = load_bundle_spec(bundle_toml)
     signing_keys = [load_key_file(p) for p in key_paths]
     source, _ = source_model(spec)
@@ -78,15 +62,13 @@ def build(
 @bundle.command()
 @click.argument("bundle_file", type=click.Path(dir_okay=False, path_type=Path))
 @json_option
-@click.pass_context
-def verify(ctx: click.Context, bundle_file: Path, as_json: bool) -> None:
+def verify(bundle_file: Path, as_json: bool) -> None:
     """Verify BUNDLE_FILE's signatures, hashes, archive safety and GGUF header.
 
     Nothing is written anywhere. Exit codes: 0 verified, 10 bad or missing signature,
     11 untrusted or revoked key, 12 threshold not met, 13 hash or size mismatch,
     14 unsafe archive, 15 bad GGUF, 16 unreadable input.
     """
-    want_json_errors(ctx, as_json)
     trust = load_trust_store(appliance_paths().trust_store)
     with progress_bar(_size(bundle_file), "verifying", enabled=not as_json) as update:
         verified = verify_bundle(bundle_file, trust, progress=update)
@@ -95,18 +77,10 @@ def verify(ctx: click.Context, bundle_file: Path, as_json: bool) -> None:
 
 @bundle.command()
 @click.argument("bundle_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Directory to create; it appears only if verification passes.",
-)
+@out_dir_option("Directory to create; it appears only if verification passes.")
 @json_option
-@click.pass_context
-def unpack(ctx: click.Context, bundle_file: Path, out_dir: Path, as_json: bool) -> None:
+def unpack(bundle_file: Path, out_dir: Path, as_json: bool) -> None:
     """Verify BUNDLE_FILE and lay its files out in OUT (for independent verifiers)."""
-    want_json_errors(ctx, as_json)
     trust = load_trust_store(appliance_paths().trust_store)
     with progress_bar(_size(bundle_file), "verifying and unpacking", not as_json) as update:
         verified = unpack_bundle(bundle_file, trust, out_dir, progress=update)

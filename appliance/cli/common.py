@@ -2,24 +2,76 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import click
 
 from appliance.errors import ApplianceError, HostError, UsageError
+from appliance.paths import appliance_paths
 from appliance.trust.crypto import SigningKey, WrongPassphrase, load_signing_key
 
 PASSPHRASE_ENV = "APPLIANCE_KEY_PASSPHRASE"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _json_errors(ctx: click.Context, _param: click.Parameter, as_json: bool) -> bool:
+    """With --json, failures are also reported as JSON on stdout (ApplianceGroup reads this)."""
+    ctx.find_root().meta["json_errors"] = as_json
+    return as_json
+
 
 json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout for scripts."
+    "--json",
+    "as_json",
+    is_flag=True,
+    is_eager=True,  # set the error mode before any other option can fail
+    callback=_json_errors,
+    help="Print one JSON document on stdout for scripts.",
 )
+reason_option = click.option("--reason", default="", help="Why; recorded in the audit log.")
+required_reason_option = click.option(
+    "--reason", required=True, help="Why; recorded in the audit log."
+)
+
+
+def out_dir_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--out",
+        "out_dir",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help=help_text,
+    )
+
+
+def private_key_option(help_text: str, multiple: bool = False) -> Callable[[F], F]:
+    return click.option(
+        "--key",
+        "key_paths" if multiple else "key_path",
+        multiple=multiple,
+        required=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help=help_text,
+    )
+
+
+def pass_store(command: F) -> F:
+    """Hand the command a ReleaseStore for this appliance home as its first argument."""
+
+    @functools.wraps(command)
+    def with_store(*args: Any, **kwargs: Any) -> Any:
+        from appliance.store.releases import ReleaseStore  # light commands never import it
+
+        return command(ReleaseStore(appliance_paths()), *args, **kwargs)
+
+    return cast(F, with_store)
 
 
 class ApplianceGroup(click.Group):
@@ -44,11 +96,6 @@ class ApplianceGroup(click.Group):
                 )
             click.echo(f"error: {exc.message}", err=True)
             ctx.exit(exc.exit_code)
-
-
-def want_json_errors(ctx: click.Context, as_json: bool) -> None:
-    """With --json, failures are also reported as JSON on stdout."""
-    ctx.find_root().meta["json_errors"] = as_json
 
 
 def emit_json(document: dict[str, Any]) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import click
 
 from appliance.paths import appliance_paths
+from appliance.serve.config import ServiceOptions
 
 
 @click.command()
 @click.option(
     "--url",
-    default="http://127.0.0.1:8080",
+    default=ServiceOptions().url,
     show_default=True,
     help="The local service, for queue depth, busy slots and what it serves.",
 )

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from appliance.cli.common import emit_json, json_option, progress_bar, want_json_errors
+from appliance.cli.common import emit_json, json_option, pass_store, progress_bar
 from appliance.evals.evaluate import evaluate_release, judge_gate, plan_evaluation
 from appliance.evals.report import exit_code, verdict_word
-from appliance.paths import appliance_paths
 from appliance.store.releases import ReleaseStore
 
 
@@ -34,7 +33,9 @@ def eval_group() -> None:
 )
 @json_option
 @click.pass_context
+@pass_store
 def run(
+    store: ReleaseStore,
     ctx: click.Context,
     ref: str,
     baseline: str,
@@ -50,8 +51,6 @@ def run(
     passed but latency and cost are inconclusive (other processes kept the host busy:
     rerun on a quiet host).
     """
-    want_json_errors(ctx, as_json)
-    store = ReleaseStore(appliance_paths())
     baseline_ref = None if baseline == "none" else baseline
     plan = plan_evaluation(store, ref, baseline_ref)
     total = plan.case_runs
@@ -78,15 +77,14 @@ def run(
 @eval_group.command()
 @click.argument("ref", metavar="NAME@VERSION")
 @json_option
-@click.pass_context
-def gate(ctx: click.Context, ref: str, as_json: bool) -> None:
+@pass_store
+def gate(store: ReleaseStore, ref: str, as_json: bool) -> None:
     """Judge NAME@VERSION's gate from its latest report on this host (no new run).
 
     Exit 0: passed. 23: no report, or one for another spec hash. 40-44: the first
     failed criterion, 45: latency and cost inconclusive (see `eval run`).
     """
-    want_json_errors(ctx, as_json)
-    report = judge_gate(ReleaseStore(appliance_paths()), ref)
+    report = judge_gate(store, ref)
     if as_json:
         emit_json(
             {

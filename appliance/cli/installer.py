@@ -6,8 +6,14 @@ from pathlib import Path
 
 import click
 
-from appliance.build.installer import build_installer
-from appliance.cli.common import emit_json, json_option, load_key_file, want_json_errors
+from appliance.bundler.installer import build_installer
+from appliance.cli.common import (
+    emit_json,
+    json_option,
+    load_key_file,
+    out_dir_option,
+    private_key_option,
+)
 from appliance.trust.crypto import load_public_key
 
 
@@ -17,13 +23,7 @@ def installer() -> None:
 
 
 @installer.command()
-@click.option(
-    "--key",
-    "key_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Private key (ECDSA P-256 PEM) that signs the installer.",
-)
+@private_key_option("Private key (ECDSA P-256 PEM) that signs the installer.")
 @click.option(
     "--trust-key",
     "trust_keys",
@@ -32,13 +32,7 @@ def installer() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Public key the installed appliance will trust for bundles; repeatable.",
 )
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for the tarball, its .sig and install.sh.",
-)
+@out_dir_option("Directory for the tarball, its .sig and install.sh.")
 @click.option(
     "--source",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -54,9 +48,7 @@ def installer() -> None:
     help="Where scripts/setup put the portable llama-cpp-python wheel.",
 )
 @json_option
-@click.pass_context
 def build(
-    ctx: click.Context,
     key_path: Path,
     trust_keys: tuple[Path, ...],
     out_dir: Path,
@@ -69,7 +61,6 @@ def build(
     Collects every wheel the appliance needs (from PyPI on this build host, and the
     portable llama-cpp-python wheel from WHEELHOUSE), so the target needs no network.
     """
-    want_json_errors(ctx, as_json)
     key = load_key_file(key_path)
     trusted = [load_public_key(p.read_bytes()) for p in trust_keys]
     if not as_json:

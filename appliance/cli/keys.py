@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from appliance.cli.common import PASSPHRASE_ENV, emit_json, json_option, want_json_errors
+from appliance.cli.common import (
+    PASSPHRASE_ENV,
+    emit_json,
+    json_option,
+    out_dir_option,
+    pass_store,
+    reason_option,
+)
 from appliance.errors import UsageError
 from appliance.paths import appliance_paths
 from appliance.store.releases import ReleaseStore
@@ -26,13 +33,7 @@ def keys() -> None:
 
 
 @keys.command()
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Directory for NAME.key (private, mode 0600) and NAME.pub.",
-)
+@out_dir_option("Directory for NAME.key (private, mode 0600) and NAME.pub.")
 @click.option("--name", default="signing", show_default=True, help="File name stem.")
 @click.option(
     "--encrypt",
@@ -40,10 +41,8 @@ def keys() -> None:
     help=f"Encrypt the private key with a passphrase (from ${PASSPHRASE_ENV}, else prompted).",
 )
 @json_option
-@click.pass_context
-def generate(ctx: click.Context, out_dir: Path, name: str, encrypt: bool, as_json: bool) -> None:
+def generate(out_dir: Path, name: str, encrypt: bool, as_json: bool) -> None:
     """Generate an ECDSA P-256 signing key pair."""
-    want_json_errors(ctx, as_json)
     passphrase = _new_passphrase() if encrypt else None
     pair = write_key_pair(out_dir, name, passphrase)
     result = {
@@ -65,33 +64,29 @@ def generate(ctx: click.Context, out_dir: Path, name: str, encrypt: bool, as_jso
 @click.argument("public_key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="A label for the key (default: the file name stem).")
 @json_option
-@click.pass_context
-def trust(ctx: click.Context, public_key: Path, name: str | None, as_json: bool) -> None:
+@pass_store
+def trust(store: ReleaseStore, public_key: Path, name: str | None, as_json: bool) -> None:
     """Trust PUBLIC_KEY (PEM, ECDSA P-256) to sign bundles."""
-    want_json_errors(ctx, as_json)
     pem = load_public_key(public_key.read_bytes())
-    key = ReleaseStore(appliance_paths()).trust_key(pem, name or public_key.stem)
+    key = store.trust_key(pem, name or public_key.stem)
     _print_key(key, as_json, verb="trusted")
 
 
 @keys.command()
 @click.argument("key_id")
-@click.option("--reason", default="", help="Why; recorded in the audit log.")
+@reason_option
 @json_option
-@click.pass_context
-def revoke(ctx: click.Context, key_id: str, reason: str, as_json: bool) -> None:
+@pass_store
+def revoke(store: ReleaseStore, key_id: str, reason: str, as_json: bool) -> None:
     """Revoke the trusted key KEY_ID (a unique prefix of at least 8 hex digits)."""
-    want_json_errors(ctx, as_json)
-    key = ReleaseStore(appliance_paths()).revoke_key(key_id, reason)
+    key = store.revoke_key(key_id, reason)
     _print_key(key, as_json, verb="revoked")
 
 
 @keys.command(name="list")
 @json_option
-@click.pass_context
-def list_keys(ctx: click.Context, as_json: bool) -> None:
+def list_keys(as_json: bool) -> None:
     """List trusted and revoked keys and the signature threshold."""
-    want_json_errors(ctx, as_json)
     store = load_trust_store(appliance_paths().trust_store)
     if as_json:
         emit_json(
@@ -109,18 +104,14 @@ def list_keys(ctx: click.Context, as_json: bool) -> None:
 @keys.command()
 @click.argument("k", type=int, required=False)
 @json_option
-@click.pass_context
-def threshold(ctx: click.Context, k: int | None, as_json: bool) -> None:
+@pass_store
+def threshold(store: ReleaseStore, k: int | None, as_json: bool) -> None:
     """Show, or set to K, how many distinct trusted keys must sign a bundle."""
-    want_json_errors(ctx, as_json)
-    if k is None:
-        store = load_trust_store(appliance_paths().trust_store)
-    else:
-        store = ReleaseStore(appliance_paths()).set_threshold(k)
+    trust = load_trust_store(store.paths.trust_store) if k is None else store.set_threshold(k)
     if as_json:
-        emit_json({"threshold": store.threshold})
+        emit_json({"threshold": trust.threshold})
     else:
-        click.echo(f"threshold: {store.threshold}")
+        click.echo(f"threshold: {trust.threshold}")
 
 
 def _new_passphrase() -> bytes:

@@ -7,17 +7,18 @@ from typing import Any
 
 import click
 
-from appliance.cli.common import emit_json, json_option, progress_bar, want_json_errors
+from appliance.cli.common import (
+    emit_json,
+    json_option,
+    pass_store,
+    progress_bar,
+    reason_option,
+    required_reason_option,
+)
 from appliance.errors import StoreError
-from appliance.paths import appliance_paths
 from appliance.serve.probe import probe_release
-from appliance.store.releases import Release, ReleaseStore, StoreState
-
-reason_option = click.option("--reason", default="", help="Why; recorded in the audit log.")
-
-
-def _store() -> ReleaseStore:
-    return ReleaseStore(appliance_paths())
+from appliance.store.records import Release, StoreState
+from appliance.store.releases import ReleaseStore
 
 
 @click.group()
@@ -28,17 +29,16 @@ def release() -> None:
 @release.command()
 @click.argument("bundle_file", type=click.Path(dir_okay=False, path_type=Path))
 @json_option
-@click.pass_context
-def install(ctx: click.Context, bundle_file: Path, as_json: bool) -> None:
+@pass_store
+def install(store: ReleaseStore, bundle_file: Path, as_json: bool) -> None:
     """Verify BUNDLE_FILE while extracting it, and install it (not active yet).
 
     Refuses a sequence at or below the highest installed for the name (replay or
     downgrade). Installing the same bundle again changes nothing.
     """
-    want_json_errors(ctx, as_json)
     size = bundle_file.stat().st_size if bundle_file.is_file() else 0
     with progress_bar(size, "verifying and installing", enabled=not as_json) as update:
-        result = _store().install(bundle_file, probe_release, progress=update)
+        result = store.install(bundle_file, probe_release, progress=update)
     if as_json:
         emit_json(
             {"ok": True, "installed": result.installed, "release": _release_dict(result.release)}
@@ -52,13 +52,11 @@ def install(ctx: click.Context, bundle_file: Path, as_json: bool) -> None:
 
 @release.command(name="list")
 @json_option
-@click.pass_context
-def list_releases(ctx: click.Context, as_json: bool) -> None:
+@pass_store
+def list_releases(store: ReleaseStore, as_json: bool) -> None:
     """List installed releases and which one is active, previous good, or frozen."""
-    want_json_errors(ctx, as_json)
-    store = _store()
-    db = store.open_db()
-    releases, state = store.releases(db), store.state(db)
+    with store.reading() as db:
+        releases, state = store.releases(db), store.state(db)
     if as_json:
         emit_json(
             {
@@ -83,14 +81,12 @@ def list_releases(ctx: click.Context, as_json: bool) -> None:
 @release.command()
 @click.argument("ref", metavar="NAME@VERSION")
 @json_option
-@click.pass_context
-def show(ctx: click.Context, ref: str, as_json: bool) -> None:
+@pass_store
+def show(store: ReleaseStore, ref: str, as_json: bool) -> None:
     """Show a release's metadata, signers, eval gate status and cards."""
-    want_json_errors(ctx, as_json)
-    store = _store()
-    db = store.open_db()
-    r, state = store.release(db, ref), store.state(db)
-    gate = store.gate(db, r)
+    with store.reading() as db:
+        r, state = store.release(db, ref), store.state(db)
+        gate = store.gate(db, r)
     cards = {
         name: (Path(r.path) / "cards" / f"{name}-card.md").read_text() for name in ("model", "data")
     }
@@ -123,11 +119,10 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Bypass the eval gate (needs --reason; audited).")
 @reason_option
 @json_option
-@click.pass_context
-def activate(ctx: click.Context, ref: str, force: bool, reason: str, as_json: bool) -> None:
+@pass_store
+def activate(store: ReleaseStore, ref: str, force: bool, reason: str, as_json: bool) -> None:
     """Make NAME@VERSION the active release; it must have passed its eval gate here."""
-    want_json_errors(ctx, as_json)
-    r, changed = _store().activate(ref, force=force, reason=reason)
+    r, changed = store.activate(ref, force=force, reason=reason)
     _done(
         as_json,
         {"active": r.ref, "changed": changed},
@@ -138,11 +133,10 @@ def activate(ctx: click.Context, ref: str, force: bool, reason: str, as_json: bo
 @release.command()
 @reason_option
 @json_option
-@click.pass_context
-def rollback(ctx: click.Context, reason: str, as_json: bool) -> None:
+@pass_store
+def rollback(store: ReleaseStore, reason: str, as_json: bool) -> None:
     """Switch back to the previous good release (allowed while frozen)."""
-    want_json_errors(ctx, as_json)
-    target, previous = _store().rollback(reason)
+    target, previous = store.rollback(reason)
     from_ref = previous.ref if previous else None
     _done(
         as_json,
@@ -152,24 +146,22 @@ def rollback(ctx: click.Context, reason: str, as_json: bool) -> None:
 
 
 @release.command()
-@click.option("--reason", required=True, help="Why; recorded in the audit log.")
+@required_reason_option
 @json_option
-@click.pass_context
-def freeze(ctx: click.Context, reason: str, as_json: bool) -> None:
+@pass_store
+def freeze(store: ReleaseStore, reason: str, as_json: bool) -> None:
     """Freeze releases: nothing activates until unfreeze (rollback still works)."""
-    want_json_errors(ctx, as_json)
-    _store().freeze(reason)
+    store.freeze(reason)
     _done(as_json, {"frozen": True, "reason": reason}, f"releases frozen: {reason}")
 
 
 @release.command()
 @reason_option
 @json_option
-@click.pass_context
-def unfreeze(ctx: click.Context, reason: str, as_json: bool) -> None:
+@pass_store
+def unfreeze(store: ReleaseStore, reason: str, as_json: bool) -> None:
     """Allow activations again."""
-    want_json_errors(ctx, as_json)
-    _store().unfreeze(reason)
+    store.unfreeze(reason)
     _done(as_json, {"frozen": False}, "releases unfrozen")
 
 
@@ -177,29 +169,27 @@ def unfreeze(ctx: click.Context, reason: str, as_json: bool) -> None:
 @click.argument("ref", metavar="NAME@VERSION")
 @reason_option
 @json_option
-@click.pass_context
-def remove(ctx: click.Context, ref: str, reason: str, as_json: bool) -> None:
+@pass_store
+def remove(store: ReleaseStore, ref: str, reason: str, as_json: bool) -> None:
     """Remove an installed release (never the active or previous good one)."""
-    want_json_errors(ctx, as_json)
-    r = _store().remove(ref, reason)
+    r = store.remove(ref, reason)
     _done(as_json, {"removed": r.ref}, f"removed {r.ref}")
 
 
 @release.command()
 @click.argument("ref", metavar="[NAME@VERSION]", required=False)
 @json_option
-@click.pass_context
-def verify(ctx: click.Context, ref: str | None, as_json: bool) -> None:
+@pass_store
+def verify(store: ReleaseStore, ref: str | None, as_json: bool) -> None:
     """Re-verify an installed release's files and signatures (default: the active one)."""
-    want_json_errors(ctx, as_json)
-    store = _store()
-    db = store.open_db()
-    if ref is None:
-        active = store.release_by_id(db, store.state(db).active_id)
-        if active is None:
-            raise StoreError("no release is active; name one")
-        ref = active.ref
-    verified = store.verify_installed(store.release(db, ref))
+    with store.reading() as db:
+        if ref is None:
+            active = store.release_by_id(db, store.state(db).active_id)
+            if active is None:
+                raise StoreError("no release is active; name one")
+            ref = active.ref
+        installed = store.release(db, ref)
+    verified = store.verify_installed(installed)
     _done(
         as_json,
         {"verified": ref, "signers": list(verified.signers)},

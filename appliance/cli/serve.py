@@ -14,17 +14,19 @@ from appliance.serve.config import ServiceOptions
 from appliance.serve.egress import install_egress_guard
 from appliance.trust.gguf_check import MAX_HEADER_BYTES, check_gguf_header
 
+DEFAULTS = ServiceOptions()
+
 
 @click.command()
 @click.option(
     "--host",
-    default="127.0.0.1",
+    default=DEFAULTS.host,
     show_default=True,
     help="Address to listen on (loopback by default); unused under socket activation.",
 )
 @click.option(
     "--port",
-    default=8080,
+    default=DEFAULTS.port,
     show_default=True,
     type=click.IntRange(1, 65535),
     help="Port to listen on; unused under socket activation.",
@@ -42,7 +44,7 @@ from appliance.trust.gguf_check import MAX_HEADER_BYTES, check_gguf_header
 )
 @click.option(
     "--slots",
-    default=8,
+    default=DEFAULTS.slots,
     show_default=True,
     type=click.IntRange(1, 64),
     help="Requests generated together (continuous batching).",
@@ -50,21 +52,21 @@ from appliance.trust.gguf_check import MAX_HEADER_BYTES, check_gguf_header
 @click.option(
     "--queue",
     "max_queue",
-    default=64,
+    default=DEFAULTS.max_queue,
     show_default=True,
     type=click.IntRange(0),
     help="Requests that may wait for a slot; beyond it the answer is 429.",
 )
 @click.option(
     "--timeout",
-    default=300.0,
+    default=DEFAULTS.request_timeout_seconds,
     show_default=True,
     type=click.FloatRange(1),
     help="Seconds a request may take, queueing included.",
 )
 @click.option(
     "--read-timeout",
-    default=20.0,
+    default=DEFAULTS.read_timeout_seconds,
     show_default=True,
     type=click.FloatRange(0, min_open=True),
     envvar="APPLIANCE_READ_TIMEOUT",
@@ -74,7 +76,7 @@ from appliance.trust.gguf_check import MAX_HEADER_BYTES, check_gguf_header
 )
 @click.option(
     "--idle-timeout",
-    default=15.0,
+    default=DEFAULTS.idle_timeout_seconds,
     show_default=True,
     type=click.FloatRange(0, min_open=True),
     envvar="APPLIANCE_IDLE_TIMEOUT",
@@ -130,9 +132,13 @@ def serve(
     if listener is None:  # bind before loading a model: a taken port fails at once
         listener = _listen(host, port)
     options = ServiceOptions(
+        host=host,
+        port=port,
         slots=slots,
         max_queue=max_queue,
         request_timeout_seconds=timeout,
+        read_timeout_seconds=read_timeout,
+        idle_timeout_seconds=idle_timeout,
         require_api_key=not insecure_no_auth,
         serve_openapi=openapi,
     )
@@ -144,13 +150,7 @@ def serve(
         click.echo(f"serving {model_id} on {where}", err=True)
 
     try:
-        serve_forever(
-            service,
-            listener,
-            read_timeout=read_timeout,
-            idle_timeout=idle_timeout,
-            on_ready=announce,
-        )
+        serve_forever(service, listener, on_ready=announce)
     finally:
         service.close()
 

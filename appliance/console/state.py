@@ -21,7 +21,8 @@ from appliance.paths import AppliancePaths
 from appliance.store import audit, ledger
 from appliance.store.db import open_state_db
 from appliance.store.gate import GateDecision
-from appliance.store.releases import Release, ReleaseStore
+from appliance.store.records import Release
+from appliance.store.releases import ReleaseStore
 from appliance.telemetry.queries import WindowStats, percentile, window_stats
 from appliance.trust.truststore import load_trust_store
 

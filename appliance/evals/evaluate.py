@@ -12,7 +12,8 @@ from appliance.evals.report import build_report, exit_code, write_reports
 from appliance.evals.runner import Progress, run_in_process, run_over_http
 from appliance.evals.spec import EvalSpec, load_spec
 from appliance.store.gate import host_id
-from appliance.store.releases import Release, ReleaseStore
+from appliance.store.records import Release
+from appliance.store.releases import ReleaseStore
 
 
 @dataclass(frozen=True)

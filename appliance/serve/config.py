@@ -15,14 +15,25 @@ MANIFEST_HEADER = "x-appliance-manifest-sha256"
 
 @dataclass(frozen=True)
 class ServiceOptions:
+    """How the service runs. Its defaults are the only serving defaults: `appliance serve`,
+    the demo and the console read them from here."""
+
+    host: str = "127.0.0.1"  # loopback unless the operator says otherwise
+    port: int = 8080
     slots: int = 8
     max_queue: int = 64
     request_timeout_seconds: float = 300.0
+    read_timeout_seconds: float = 20.0  # a whole request, from its first byte
+    idle_timeout_seconds: float = 15.0  # an open connection with no request under way
     max_body_bytes: int = 1 << 20
     require_api_key: bool = True
     serve_openapi: bool = False  # /openapi.json (API key required), for fuzzing the API
     poll_seconds: float = 1.0
     telemetry_retention_days: float = 7.0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)

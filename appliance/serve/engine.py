@@ -28,7 +28,7 @@ _ASCII_SPACE = " \t\n\r\v\f"  # what llama.cpp's isspace() strips around such to
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: Path
-    slots: int = 4  # sequences decoded together; each has its own KV stream
+    slots: int  # sequences decoded together; each has its own KV stream
     context_per_slot: int = 2048
     batch_tokens: int = 512  # tokens per decode step: one per generating slot + prefill
     threads: int = 0  # 0: one per core

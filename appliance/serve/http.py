@@ -148,22 +148,16 @@ class _NotifyingServer(uvicorn.Server):
 def serve_forever(
     service: Service,
     listener: socket.socket,
-    *,
-    read_timeout: float,
-    idle_timeout: float,
     on_ready: Callable[[], None] = lambda: None,
 ) -> None:
-    """Serve on the listening socket `listener` until SIGTERM/SIGINT; `on_ready` runs once
-    connections are accepted.
-
-    read_timeout: seconds a client has to send a whole request (head and body) from its
-    first byte. idle_timeout: seconds a connection may stay open with no request under way.
-    """
+    """Serve on the listening socket `listener` until SIGTERM/SIGINT, with the service's
+    read and idle timeouts; `on_ready` runs once connections are accepted."""
+    options = service.options
     config = uvicorn.Config(
         create_app(service),
         # Our h11 subclass, whatever else is installed: the slow-client deadlines live there.
-        http=functools.partial(_SlowClientGuard, read_timeout=read_timeout),  # type: ignore[arg-type]
-        timeout_keep_alive=idle_timeout,  # type: ignore[arg-type]
+        http=functools.partial(_SlowClientGuard, read_timeout=options.read_timeout_seconds),  # type: ignore[arg-type]
+        timeout_keep_alive=options.idle_timeout_seconds,  # type: ignore[arg-type]
         log_level="warning",
         access_log=False,
         lifespan="off",

@@ -24,7 +24,8 @@ from appliance.serve.metrics import ServiceMetrics
 from appliance.serve.runtime import ModelRuntime
 from appliance.store.apikeys import active_key_hashes, token_matches
 from appliance.store.db import open_state_db
-from appliance.store.releases import Release, ReleaseStore
+from appliance.store.records import Release
+from appliance.store.releases import ReleaseStore
 from appliance.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger("appliance.serve")

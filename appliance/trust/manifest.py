@@ -95,14 +95,18 @@ def statement_bytes(manifest: Manifest) -> bytes:
 
 
 def parse_statement(payload: bytes) -> Manifest:
-    """Parse a signed Statement strictly; any deviation is a SignatureError."""
+    """Parse a signed Statement strictly; any deviation is a SignatureError. The payload
+    must be in canonical form (what statement_bytes writes), so the sha256 of
+    statement_bytes(manifest), the release's manifest digest, is that of the signed bytes."""
     try:
-        statement = json.loads(payload)
-        return _parse(statement)
+        manifest = _parse(json.loads(payload))
     except SignatureError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SignatureError(f"signed statement is malformed: {exc}") from exc
+    if statement_bytes(manifest) != payload:
+        raise SignatureError("signed statement is not in canonical form")
+    return manifest
 
 
 def _parse(statement: dict[str, Any]) -> Manifest:

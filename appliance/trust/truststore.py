@@ -128,7 +128,7 @@ def trust_key(path: Path, public_key: PublicKey, name: str) -> TrustedKey:
 
 def revoke_key(path: Path, key_id_prefix: str) -> TrustedKey:
     with _locked_update(path) as (store, commit):
-        key = _find_key(store, key_id_prefix)
+        key = find_key(store, key_id_prefix)
         if key.revoked:
             return key
         revoked = replace(key, revoked=_now())
@@ -152,7 +152,7 @@ def set_threshold(path: Path, threshold: int) -> TrustStore:
         return updated
 
 
-def _find_key(store: TrustStore, key_id_prefix: str) -> TrustedKey:
+def find_key(store: TrustStore, key_id_prefix: str) -> TrustedKey:
     prefix = key_id_prefix.lower()
     if len(prefix) < 8:
         raise UsageError("give at least 8 hex digits of the key id")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.build.spec import BundleSpec
+from appliance.bundler.spec import BundleSpec
 from appliance.errors import IntegrityError, UsageError
 from appliance.paths import appliance_paths
 from appliance.trust.archive import MODEL_FILE, signature_entry_name
