@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -143,7 +144,7 @@ min_pass_rate = {min_pass_rate}
 max_defect_rate = {{ pii = 0.0 }}
 max_p95_latency_ms = 60000
 cost_per_cpu_hour = 0.05
-max_cost_per_success = 1.0
+max_cost_per_success = {max_cost_per_success}
 """
 CASES = [
     {
@@ -181,11 +182,15 @@ def tiny_release(
     max_tokens: int = 256,
     cases: list[dict] = CASES,
     load: str = "",
+    max_cost_per_success: float = 1.0,
 ) -> str:
     source = tmp_path / f"src-{version}"
     toml = write_bundle_dir(source, model, release=(version, sequence, 0))
     toml.write_text(toml.read_text().replace("max_tokens = 256", f"max_tokens = {max_tokens}"))
-    (source / "eval/spec.toml").write_text(EASY_SPEC.format(min_pass_rate=min_pass_rate) + load)
+    (source / "eval/spec.toml").write_text(
+        EASY_SPEC.format(min_pass_rate=min_pass_rate, max_cost_per_success=max_cost_per_success)
+        + load
+    )
     (source / "eval/golden/shape.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
     text = toml.read_text()
     start = text.index("golden = [")
@@ -247,6 +252,14 @@ def test_failing_suite_closes_the_gate_with_its_code(cli, tmp_path, tiny_gguf):
     assert code == 23 and "failed" in error["error"]
     markdown = sorted((appliance_paths().state_dir / "reports/demo/1.0.0").glob("*.md"))[-1]
     assert "`paris`: contains" in markdown.read_text()
+
+
+def test_a_cost_over_its_limit_fails_with_figures_people_read(cli, tmp_path, tiny_gguf):
+    ref = tiny_release(cli, tmp_path, tiny_gguf, 0.0, "1.0.0", 1, max_cost_per_success=1e-12)
+    code, result = cli("eval", "run", ref)
+    assert code == 43
+    detail = result["gate"]["failures"][0]["detail"]  # e.g. "3.56e-05 > 1e-12"
+    assert re.fullmatch(r"\d(\.\d{1,2})?(e-\d+)? > 1e-12", detail), detail
 
 
 def test_a_report_for_another_spec_hash_is_refused(cli, tmp_path, tiny_gguf):

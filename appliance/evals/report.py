@@ -181,8 +181,12 @@ def gate_verdict(spec: EvalSpec, report: dict[str, Any]) -> dict[str, Any]:
     if gates.max_cost_per_success is not None and (
         cost is None or cost > gates.max_cost_per_success
     ):
+        spent = "no case succeeded" if cost is None else _number(cost)
         failures.append(
-            {"criterion": "cost_per_success", "detail": f"{cost} > {gates.max_cost_per_success}"}
+            {
+                "criterion": "cost_per_success",
+                "detail": f"{spent} > {_number(gates.max_cost_per_success)}",
+            }
         )
     regression = report["regression"]
     if regression and regression["significant_regression"]:
