@@ -31,6 +31,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "release",
         "Install signed bundles and switch, freeze or remove releases (all audited).",
     ),
+    "rollout": (
+        "appliance.cli.rollout",
+        "rollout",
+        "Canary or shadow a candidate release beside the active one; promote or abort it.",
+    ),
     "eval": (
         "appliance.cli.evals",
         "eval_group",

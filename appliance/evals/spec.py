@@ -57,6 +57,33 @@ class Load:
 
 
 @dataclass(frozen=True)
+class OnlineCheck:
+    """A check every live response must pass: a scorer with its `expected` fixed here (no
+    reference answer), e.g. pii_leak, or contains with contains_none."""
+
+    name: str
+    scorer: str
+    expected: dict[str, Any] = field(default_factory=dict)
+
+    def passes(self, output: str) -> bool:
+        return SCORERS[self.scorer](output, self.expected, 0.0).passed
+
+
+@dataclass(frozen=True)
+class Online:
+    """How a live canary is judged against the stable release, on the same statistics as
+    the offline gate: the candidate aborts when its rate of errors or failed checks is
+    significantly (at `alpha`) worse than stable's by more than the margin, or when its
+    p95 latency's bootstrap interval lies wholly above stable's p95 x (1 + latency_margin)."""
+
+    checks: tuple[OnlineCheck, ...] = ()
+    error_margin: float = 0.02
+    check_margin: float = 0.05
+    latency_margin: float = 0.25
+    alpha: float = 0.05
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     name: str
     temperature: float
@@ -65,6 +92,7 @@ class EvalSpec:
     suites: tuple[Suite, ...]
     gates: Gates
     load: Load = Load()
+    online: Online = Online()
 
     @property
     def cases(self) -> list[Case]:
@@ -85,6 +113,7 @@ def load_spec(release_dir: Path) -> EvalSpec:
             suites=suites,
             gates=Gates(**gates),
             load=Load(**raw.get("load", {})),
+            online=_online(raw.get("online", {})),
         )
         if not 1 <= spec.load.clients <= 64:
             raise ValueError(f"load.clients must be 1 to 64, not {spec.load.clients}")
@@ -94,6 +123,21 @@ def load_spec(release_dir: Path) -> EvalSpec:
     if len(ids) != len(set(ids)):
         raise UsageError("the eval spec has duplicate case ids")
     return spec
+
+
+def _online(raw: dict[str, Any]) -> Online:
+    checks = []
+    for entry in raw.get("checks", []):
+        check = OnlineCheck(
+            str(entry["name"]), str(entry["scorer"]), dict(entry.get("expected", {}))
+        )
+        if check.scorer not in SCORERS:
+            raise ValueError(f"online check {check.name}: unknown scorer {check.scorer}")
+        missing = [k for k in REQUIRED_KEYS[check.scorer] if k not in check.expected]
+        if missing:
+            raise ValueError(f"online check {check.name}: scorer {check.scorer} needs {missing}")
+        checks.append(check)
+    return Online(checks=tuple(checks), **{k: float(v) for k, v in raw.items() if k != "checks"})
 
 
 def _suite(eval_dir: Path, raw: dict[str, Any]) -> Suite:

@@ -9,6 +9,7 @@ from appliance.telemetry.queries import percentile
 
 __all__ = [
     "mcnemar_exact",
+    "rate_regression_p",
     "paired_bootstrap_interval",
     "percentile",
     "percentile_interval",
@@ -68,3 +69,19 @@ def percentile_interval(
         percentile([values[rng.randrange(n)] for _ in range(n)], q) for _ in range(resamples)
     )
     return estimates[int(0.025 * resamples)], estimates[int(0.975 * resamples) - 1]
+
+
+def rate_regression_p(
+    bad_candidate: int, n_candidate: int, bad_stable: int, n_stable: int, margin: float
+) -> float:
+    """One-sided p-value that the candidate's rate of bad outcomes exceeds stable's by more
+    than `margin` (a two-proportion z-test against H0: p_candidate - p_stable <= margin,
+    unpooled variance). Small means a significant regression beyond the margin."""
+    if n_candidate == 0 or n_stable == 0:
+        return 1.0
+    p_c, p_s = bad_candidate / n_candidate, bad_stable / n_stable
+    excess = p_c - p_s - margin
+    variance = p_c * (1 - p_c) / n_candidate + p_s * (1 - p_s) / n_stable
+    if variance == 0:
+        return 0.0 if excess > 0 else 1.0
+    return 0.5 * math.erfc(excess / math.sqrt(variance) / math.sqrt(2))

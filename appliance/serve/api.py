@@ -13,6 +13,7 @@ loop (and with it /healthz).
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import time
 import uuid
@@ -30,12 +31,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from appliance import __version__
 from appliance.errors import ChatTemplateError
 from appliance.serve.config import MANIFEST_HEADER, SamplingParams
+from appliance.serve.rollout import SESSION_HEADER, SHADOW, Route
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, Generation, QueueFull, SchedulerDown, Unloading
 from appliance.serve.service import Service
 from appliance.telemetry.writer import RequestRecord
 
 MAX_TOKENS_LIMIT = 1_000_000
+RELEASE_HEADER, ROLE_HEADER = "x-appliance-release", "x-appliance-role"
 
 
 class ApiError(Exception):
@@ -134,8 +137,11 @@ def create_app(service: Service) -> FastAPI:
     _install_error_handlers(app)
 
     def runtime() -> ModelRuntime:
-        current = service.runtime()
-        if current is None:
+        return route(None, None).runtime
+
+    def route(request: Request | None, requested_model: str | None) -> Route:
+        chosen = service.route(_sticky(request), requested_model)
+        if chosen is None:
             raise ApiError(
                 503,
                 service.load_failure or "no verified release is loaded yet",
@@ -143,7 +149,7 @@ def create_app(service: Service) -> FastAPI:
                 "not_ready",
                 headers={"Retry-After": "5"},
             )
-        return current
+        return chosen
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
@@ -159,6 +165,13 @@ def create_app(service: Service) -> FastAPI:
         if died:
             return JSONResponse({"status": "not_ready", "reason": died}, status_code=503)
         body = {"status": "ready", "release": current.model_id}
+        rollout = service.candidate()
+        if rollout is not None:
+            body["rollout"] = {
+                "candidate": rollout[0].model_id,
+                "mode": rollout[1].mode,
+                "percent": rollout[1].percent,
+            }
         if failure:  # still serving the previous release
             body["failed_to_load"] = failure
         return JSONResponse(body)
@@ -172,7 +185,10 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        current = runtime()
+        served = [(runtime(), "stable")]
+        rollout = service.candidate()
+        if rollout is not None and rollout[1].mode != SHADOW:  # a shadow answers no one
+            served.append((rollout[0], rollout[1].mode))
         return {
             "object": "list",
             "data": [
@@ -182,7 +198,9 @@ def create_app(service: Service) -> FastAPI:
                     "created": 0,
                     "owned_by": "appliance",
                     "manifest_sha256": current.manifest_sha256,
+                    "role": role,
                 }
+                for current, role in served
             ],
         }
 
@@ -196,7 +214,7 @@ def create_app(service: Service) -> FastAPI:
             except ChatTemplateError as exc:
                 raise ApiError(400, str(exc)) from exc
 
-        return await _serve(service, runtime, prepare, body, request, "chat.completion")
+        return await _serve(service, route, prepare, body, request, "chat.completion")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -207,27 +225,27 @@ def create_app(service: Service) -> FastAPI:
         def prepare(current: ModelRuntime) -> list[int]:
             return current.engine.tokenize(prompts[0])
 
-        return await _serve(service, runtime, prepare, body, request, "text_completion")
+        return await _serve(service, route, prepare, body, request, "text_completion")
 
     return app
 
 
 async def _serve(
     service: Service,
-    runtime: Callable[[], ModelRuntime],
+    route: Callable[[Request, str | None], Route],
     prepare: Callable[[ModelRuntime], list[int]],
     body: GenerationParams,
     request: Request,
     kind: str,
 ) -> Response:
-    """Tokenize for the current model (in a worker thread: a huge prompt must not stall the
-    event loop) and generate. A hot swap may retire that model meanwhile; then the request
-    starts over on the model that replaced it, whose tokens may differ."""
+    """Tokenize for the model that answers (in a worker thread: a huge prompt must not
+    stall the event loop) and generate. A hot swap may retire that model meanwhile; then
+    the request starts over on the model that replaced it, whose tokens may differ."""
     for _attempt in range(3):
-        current = runtime()
-        tokens = await run_in_threadpool(prepare, current)
+        chosen = route(request, body.model)
+        tokens = await run_in_threadpool(prepare, chosen.runtime)
         try:
-            return await _generate(service, current, body, tokens, request, kind)
+            return await _generate(service, chosen, body, tokens, request, kind, prepare)
         except Unloading:
             continue
     raise ApiError(503, "the model is being replaced; try again", "server_error", "not_ready")
@@ -235,14 +253,16 @@ async def _serve(
 
 async def _generate(
     service: Service,
-    runtime: ModelRuntime,
+    route: Route,
     body: GenerationParams,
     tokens: list[int],
     request: Request,
     kind: str,
+    prepare: Callable[[ModelRuntime], list[int]],
 ) -> Response:
     arrived = time.time()
-    _check_model(runtime, body.model)
+    runtime = route.runtime
+    _check_model(service, body.model)
     room = runtime.engine.context_per_slot - len(tokens)
     if room < 1:
         raise ApiError(
@@ -261,14 +281,19 @@ async def _generate(
         ignore_eos=body.ignore_eos,
         deadline=time.monotonic() + service.options.request_timeout_seconds,
     )
-    relay = _Relay(service, runtime, kind, arrived, streaming=body.stream)
+    relay = _Relay(service, route, kind, arrived, streaming=body.stream)
+    if route.mirror is not None:
+        shadow = route.mirror
+        relay.on_answer = lambda text: asyncio.get_running_loop().run_in_executor(
+            None, _mirror, service, shadow, runtime, prepare, generation, kind, text
+        )
     try:
         relay.ticket = runtime.scheduler.submit(generation, relay.listener)
     except SchedulerDown as exc:
-        _record(service, runtime, kind, 503, arrived, error_class="not_ready")
+        _record(service, route, kind, 503, arrived, error_class="not_ready")
         raise ApiError(503, str(exc), "server_error", "not_ready") from exc
     except QueueFull as exc:
-        _record(service, runtime, kind, 429, arrived, error_class="queue_full")
+        _record(service, route, kind, 429, arrived, error_class="queue_full")
         raise ApiError(
             429,
             f"the service is busy: {exc}",
@@ -281,16 +306,81 @@ async def _generate(
         return StreamingResponse(
             relay.sse(include_usage),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", **_served_by(runtime)},
+            headers={"Cache-Control": "no-cache", **_served_by(route)},
         )
     response = await relay.whole(request)
-    response.headers.update(_served_by(runtime))
+    response.headers.update(_served_by(route))
     return response
 
 
-def _served_by(runtime: ModelRuntime) -> dict[str, str]:
-    """Name the signed content that answers (a development model has none)."""
-    return {MANIFEST_HEADER: runtime.manifest_sha256} if runtime.manifest_sha256 else {}
+def _served_by(route: Route) -> dict[str, str]:
+    """Name the release and its role, and the signed content that answers (a development
+    model has none)."""
+    runtime = route.runtime
+    named = {RELEASE_HEADER: runtime.model_id, ROLE_HEADER: route.role}
+    return {**named, MANIFEST_HEADER: runtime.manifest_sha256} if runtime.manifest_sha256 else named
+
+
+def _sticky(request: Request | None) -> str:
+    """What keeps a client on one release during a canary: its session header, else its API
+    key; with neither, each request falls where it falls."""
+    if request is None:
+        return ""
+    session = request.headers.get(SESSION_HEADER) or request.headers.get("authorization")
+    return session or uuid.uuid4().hex
+
+
+def _mirror(
+    service: Service,
+    shadow: ModelRuntime,
+    stable: ModelRuntime,
+    prepare: Callable[[ModelRuntime], list[int]],
+    generation: Generation,
+    kind: str,
+    stable_text: str,
+) -> None:
+    """Give the shadow a copy of a request stable has answered, only when neither has work
+    waiting (stable never waits for it); record how the two answers compare."""
+    if stable.scheduler.stats.queued or shadow.scheduler.stats.queued:
+        service.metrics.shadow_dropped.inc()
+        return
+    arrived, parts = time.time(), []
+
+    def compare(event: Event) -> None:  # on the shadow's scheduler thread
+        parts.append(event.text)
+        if event.finish_reason is None:
+            return
+        text = "".join(parts)
+        status, error = _status_for(event)
+        similarity = difflib.SequenceMatcher(None, text, stable_text, autojunk=False).ratio()
+        answered = text if status == 200 else None
+        _record(
+            service,
+            Route(shadow, SHADOW),
+            kind,
+            status,
+            arrived,
+            event,
+            None,
+            error,
+            text=answered,
+            agreement=similarity,
+        )
+
+    try:
+        tokens = prepare(shadow)
+        room = shadow.engine.context_per_slot - len(tokens)
+        copy = replace(
+            generation,
+            prompt_tokens=tokens,
+            max_tokens=min(generation.max_tokens, room),
+            deadline=time.monotonic() + service.options.request_timeout_seconds,
+        )
+        if room < 1:
+            raise ApiError(400, "the prompt does not fit the shadow's context")
+        shadow.scheduler.submit(copy, compare)
+    except (ApiError, SchedulerDown, Unloading, QueueFull):
+        service.metrics.shadow_dropped.inc()
 
 
 class _Relay:
@@ -301,9 +391,11 @@ class _Relay:
     the loop does not take CPU from llama.cpp's threads while they decode.
     """
 
-    def __init__(self, service, runtime, kind: str, arrived: float, streaming: bool) -> None:
-        self.service, self.runtime, self.kind, self.arrived = service, runtime, kind, arrived
+    def __init__(self, service, route: Route, kind: str, arrived: float, streaming: bool) -> None:
+        self.service, self.route, self.kind, self.arrived = service, route, kind, arrived
+        self.runtime = route.runtime
         self.streaming = streaming
+        self.on_answer: Callable[[str], object] | None = None  # a shadow's copy, once answered
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.parts: list[str] = []  # whole responses: text gathered on the scheduler thread
@@ -334,7 +426,7 @@ class _Relay:
 
     def _final_response(self, text: str, event: Event) -> JSONResponse:
         status, error = _status_for(event)
-        self._finish(status, event, error)
+        self._finish(status, event, error, text)
         if status != 200:
             return JSONResponse(
                 error_body(_message_for(event), "server_error", error), status_code=status
@@ -372,12 +464,13 @@ class _Relay:
             while True:
                 event = await self.events.get()
                 if event.text:
+                    self.parts.append(event.text)
                     yield self._chunk(self._delta(event.text), None)
                 if event.finish_reason is None:
                     continue
                 finished = True
                 status, error = _status_for(event)
-                self._finish(status, event, error)
+                self._finish(status, event, error, "".join(self.parts))
                 if status != 200:
                     body = error_body(_message_for(event), "server_error", error)
                     yield f"data: {json.dumps(body)}\n\n".encode()
@@ -419,17 +512,23 @@ class _Relay:
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n".encode()
 
-    def _finish(self, status: int, event: Event | None, error: str | None) -> None:
+    def _finish(
+        self, status: int, event: Event | None, error: str | None, text: str | None = None
+    ) -> None:
+        answered = text if status == 200 else None
         _record(
             self.service,
-            self.runtime,
+            self.route,
             self.kind,
             status,
             self.arrived,
             event,
             self.first_token_at,
             error,
+            text=answered,
         )
+        if answered is not None and self.on_answer is not None:
+            self.on_answer(answered)
 
 
 def _status_for(event: Event) -> tuple[int, str | None]:
@@ -458,24 +557,38 @@ def _usage(event: Event) -> dict[str, int]:
 
 def _record(
     service: Service,
-    runtime: ModelRuntime,
+    route: Route,
     kind: str,
     status: int,
     arrived: float,
     event: Event | None = None,
     first_token_at: float | None = None,
     error_class: str | None = None,
+    text: str | None = None,
+    agreement: float | None = None,
 ) -> None:
+    """Count the request in /metrics and telemetry; run the online checks on its text."""
     now = time.time()
+    release = route.runtime.model_id
     endpoint = "chat" if kind == "chat.completion" else "completions"
-    service.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+    checks = service.online.checks if text is not None else ()
+    failed = sum(1 for check in checks if not check.passes(text or ""))
+    if route.role != SHADOW:
+        service.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+    service.metrics.by_release.labels(release=release, role=route.role, status=str(status)).inc()
+    if failed:
+        service.metrics.check_failures.labels(release=release, role=route.role).inc()
     record = RequestRecord(
         time=arrived,
-        release=runtime.model_id,
+        release=release,
         endpoint=endpoint,
         status=status,
         latency_seconds=now - arrived,
         error_class=error_class,
+        role=route.role,
+        checks_run=len(checks),
+        checks_failed=failed,
+        agreement=agreement,
     )
     if event is not None:
         service.metrics.prompt_tokens.inc(event.prompt_tokens)
@@ -488,18 +601,22 @@ def _record(
             queue_seconds=event.queue_seconds,
             ttft_seconds=ttft,
         )
-        if status == 200:
+        if status == 200 and route.role != SHADOW:
             service.metrics.latency.observe(now - arrived)
             if ttft is not None:
                 service.metrics.ttft.observe(ttft)
     service.telemetry.record(record)
 
 
-def _check_model(runtime: ModelRuntime, requested: str | None) -> None:
-    if requested and requested != runtime.model_id:
+def _check_model(service: Service, requested: str | None) -> None:
+    stable, rollout = service.runtime(), service.candidate()
+    served = [stable.model_id] if stable else []
+    if rollout is not None and rollout[1].mode != SHADOW:
+        served.append(rollout[0].model_id)
+    if requested and requested not in served:
         raise ApiError(
             404,
-            f"model {requested!r} is not served here; GET /v1/models lists {runtime.model_id!r}",
+            f"model {requested!r} is not served here; GET /v1/models lists {served}",
             code="model_not_found",
             param="model",
         )

@@ -28,6 +28,23 @@ class ServiceMetrics:
             ["endpoint", "status"],
             registry=r,
         )
+        self.by_release = Counter(
+            "appliance_release_requests",
+            "Requests by release, role (stable, canary, shadow) and HTTP status",
+            ["release", "role", "status"],
+            registry=r,
+        )
+        self.check_failures = Counter(
+            "appliance_online_check_failures",
+            "Responses that failed an online check, by release and role",
+            ["release", "role"],
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "appliance_shadow_dropped",
+            "Mirrored requests dropped because stable or the shadow had work waiting",
+            registry=r,
+        )
         self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens", registry=r)
         self.completion_tokens = Counter(
             "appliance_completion_tokens", "Completion tokens", registry=r

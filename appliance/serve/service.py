@@ -1,4 +1,5 @@
-"""The inference service's state: which model serves, API keys, telemetry, hot swap.
+"""The inference service's state: which models serve, API keys, telemetry, hot swap,
+rollouts.
 
 A watcher thread polls the state database. When the active release changes it loads the
 new release beside the old one (verifying its files, then probing the model in a child
@@ -6,6 +7,13 @@ process, before this process loads it), points new requests at it, and lets the 
 finish its in-flight requests before freeing it. A release that fails any of that is
 logged and skipped: the old one keeps serving, and a service with nothing to serve stays
 up, not ready, with the reason in /readyz.
+
+During a rollout (appliance.store.rollouts) the candidate is loaded the same way beside the
+stable (active) release. A canary gets its sticky share of requests and is judged each
+interval (appliance.serve.rollout.judge); the watcher then advances, promotes or aborts it
+through the store, so every decision is audited. A shadow gets copies of stable's requests
+when both have nothing queued. A promoted candidate becomes stable without a reload; an
+aborted one stops getting requests at once and is freed once its own finish.
 """
 
 from __future__ import annotations
@@ -18,14 +26,24 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
+from appliance.errors import ApplianceError
+from appliance.evals.spec import Online, load_spec
 from appliance.paths import AppliancePaths
 from appliance.serve.config import ServiceOptions, ServingConfig
 from appliance.serve.metrics import ServiceMetrics
+from appliance.serve.rollout import CANARY, STABLE, Route, bucket, judge, unix_time
 from appliance.serve.runtime import ModelRuntime
 from appliance.store.apikeys import active_key_hashes, token_matches
 from appliance.store.db import open_state_db
 from appliance.store.records import Release
 from appliance.store.releases import ReleaseStore
+from appliance.store.rollouts import (
+    Rollout,
+    abort_rollout,
+    advance_rollout,
+    record_check,
+    running_rollout,
+)
 from appliance.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger("appliance.serve")
@@ -39,6 +57,10 @@ class Service:
         self.paths, self.options, self.dev_model = paths, options, dev_model
         self.store = ReleaseStore(paths)
         self._runtime: ModelRuntime | None = None
+        self._candidate: ModelRuntime | None = None  # a rollout's, loaded beside stable
+        self._rollout: Rollout | None = None  # the running rollout, once its candidate loaded
+        self.online = Online()  # the candidate's online checks, run on every response
+        self._held_because: str | None = None  # why the canary could not advance, once said
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._failed_manifest: str | None = None  # the active release that failed to load
@@ -74,6 +96,29 @@ class Service:
     def runtime(self) -> ModelRuntime | None:
         return self._runtime
 
+    def candidate(self) -> tuple[ModelRuntime, Rollout] | None:
+        """The running rollout's candidate, once loaded."""
+        candidate, rollout = self._candidate, self._rollout
+        return (candidate, rollout) if candidate is not None and rollout is not None else None
+
+    def route(self, sticky: str, requested_model: str | None = None) -> Route | None:
+        """Which runtime answers: a client that names a served model gets it; otherwise a
+        canary takes its sticky share and a shadow gets a mirror of stable's requests."""
+        stable, rollout = self._runtime, self.candidate()
+        if stable is None:
+            return None
+        if rollout is None:
+            return Route(stable, STABLE)
+        candidate, plan = rollout
+        if plan.mode == CANARY:
+            if requested_model == candidate.model_id:
+                return Route(candidate, CANARY)
+            if requested_model != stable.model_id and bucket(plan.id, sticky) < plan.percent:
+                return Route(candidate, CANARY)
+            return Route(stable, STABLE)
+        mirrored = bucket(plan.id, sticky) < plan.percent
+        return Route(stable, STABLE, mirror=candidate if mirrored else None)
+
     def start(self) -> None:
         if self.dev_model is not None:
             model_id = f"dev:{self.dev_model.name}"
@@ -95,8 +140,9 @@ class Service:
         self._stop.set()
         if self._watcher.is_alive():
             self._watcher.join()
-        if self._runtime is not None:
-            self._runtime.close()
+        for runtime in (self._candidate, self._runtime):
+            if runtime is not None:
+                runtime.close()
         self.telemetry.close()
 
     # -- watching the store ----------------------------------------------------------
@@ -114,6 +160,10 @@ class Service:
         self.api_key_hashes = active_key_hashes(db)
         if self.dev_model is not None:
             return
+        self._follow_active(db)
+        self._follow_rollout(db)
+
+    def _follow_active(self, db: Database) -> None:
         active = self.store.release_by_id(db, self.store.state(db).active_id)
         current = self._runtime.manifest_sha256 if self._runtime else None
         if active is None or active.manifest_sha256 == self._failed_manifest:
@@ -121,7 +171,75 @@ class Service:
         if active.manifest_sha256 == current:  # e.g. rolled back to what still serves
             self._failed_manifest = self.load_failure = None
             return
+        candidate = self._candidate
+        if candidate is not None and candidate.manifest_sha256 == active.manifest_sha256:
+            self._candidate, self._rollout = None, None  # promoted: it is loaded already
+            self._swap(candidate)
+            return
         self._load_and_swap(active.ref, active.manifest_sha256, lambda: self._load(active))
+
+    def _follow_rollout(self, db: Database) -> None:
+        rollout = running_rollout(db)
+        if rollout is None or rollout.manifest_sha256 != (
+            self._candidate.manifest_sha256 if self._candidate else None
+        ):
+            self._retire_candidate()
+        if rollout is None:
+            return
+        if self._candidate is None:
+            self._load_candidate(db, rollout)
+            return
+        self._rollout = rollout
+        if time.time() - unix_time(rollout.step_started) >= rollout.interval_seconds:
+            self._judge(db, rollout)
+
+    def _load_candidate(self, db: Database, rollout: Rollout) -> None:
+        """Load the rollout's candidate beside stable; if it cannot load, abort the rollout
+        (audited) and keep serving stable alone."""
+        try:
+            release = self.store.release_by_id(db, rollout.release_id)
+            if release is None:
+                raise ApplianceError(f"{rollout.candidate} is no longer installed")
+            runtime = self._load(release)
+            self.online = load_spec(Path(release.path)).online
+        except Exception as exc:
+            log.error("rollout candidate %s failed to load: %s", rollout.candidate, exc)
+            self._abort(rollout, f"the candidate failed to load: {exc}", None)
+            return
+        self._candidate, self._rollout = runtime, rollout
+        log.info("%s of %s at %g%%", rollout.mode, rollout.candidate, rollout.percent)
+
+    def _judge(self, db: Database, rollout: Rollout) -> None:
+        look = judge(db, rollout, self.online, time.time())
+        record_check(db, rollout.id, look)
+        if look["decision"] == "abort":
+            self._rollout = None  # no more canary traffic from this moment
+            self._abort(rollout, f"the canary regressed: {look['why']}", look)
+        elif look["decision"] == "proceed":
+            try:
+                advanced = advance_rollout(self.store, rollout.id, look)
+            except ApplianceError as exc:  # frozen, or an admin operation holds the lock
+                if str(exc) != self._held_because:  # said once, not at every poll
+                    log.warning("rollout of %s not advanced: %s", rollout.candidate, exc)
+                self._held_because = str(exc)
+                return
+            self._held_because = None
+            log.info("rollout of %s: %s", rollout.candidate, advanced.state)
+            self._rollout = advanced if advanced.state == "running" else None
+
+    def _abort(self, rollout: Rollout, reason: str, evidence: dict | None) -> None:
+        try:
+            abort_rollout(self.store, reason, evidence, rollout_id=rollout.id)
+            log.warning("rollout of %s aborted: %s", rollout.candidate, reason)
+        except ApplianceError as exc:  # tried again at the next poll
+            log.error("could not abort the rollout of %s yet: %s", rollout.candidate, exc)
+
+    def _retire_candidate(self) -> None:
+        candidate, self._candidate, self._rollout = self._candidate, None, None
+        self.online = Online()
+        if candidate is not None:
+            log.info("unloading rollout candidate %s", candidate.model_id)
+            threading.Thread(target=candidate.close, name="unload", daemon=True).start()
 
     def _load_and_swap(
         self, model_id: str, manifest: str | None, load: Callable[[], ModelRuntime]

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlite_utils import Database
 
 from appliance.errors import StoreError, UsageError
 from appliance.store import audit
+from appliance.store.records import now
 from appliance.store.releases import ReleaseStore
 
 TOKEN_PREFIX = "sk-appl-"
@@ -33,7 +33,7 @@ def create_api_key(store: ReleaseStore, name: str) -> tuple[dict[str, Any], str]
         "name": name,
         "prefix": token[: len(TOKEN_PREFIX) + 6],
         "sha256": token_sha256(token),
-        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": now(),
         "revoked": None,
     }
     with store.admin() as db, db.atomic():
@@ -63,7 +63,7 @@ def revoke_api_key(store: ReleaseStore, key: str, reason: str = "") -> dict[str,
             raise StoreError(f"no single API key matches {shown!r}... (give its id or prefix)")
         row = rows[0]
         if row["revoked"] is None:
-            row["revoked"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            row["revoked"] = now()
             with db.atomic():
                 db["api_keys"].update(row["id"], {"revoked": row["revoked"]})
                 audit.append(

@@ -156,6 +156,33 @@ def schema_migrations() -> Migrations:
                 live.database_part(),
             )
 
+    @migrations(name="0005_rollouts")
+    def create_rollouts(db: Database) -> None:
+        # A candidate served beside the active release (appliance.store.rollouts); at most
+        # one is running, which the store checks under its admin lock.
+        db["rollouts"].create(
+            {
+                "id": int,
+                "release_id": int,
+                "candidate": str,  # NAME@VERSION
+                "manifest_sha256": str,
+                "mode": str,  # canary | shadow
+                "steps": str,  # JSON list of percentages
+                "step": int,
+                "interval_seconds": float,
+                "min_requests": int,
+                "state": str,  # running | promoted | aborted
+                "started": str,
+                "step_started": str,
+                "ended": str,
+                "reason": str,
+                "last_check": str,  # JSON: the judge's latest look, not audited
+            },
+            pk="id",
+            not_null={"release_id", "candidate", "manifest_sha256", "mode", "steps", "state"},
+        )
+        db["rollouts"].create_index(["state"])
+
     return migrations
 
 

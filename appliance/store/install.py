@@ -17,7 +17,6 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from appliance.paths import AppliancePaths
 from appliance.store import audit
 from appliance.store.faults import fault_point
 from appliance.store.gate import spec_hash
-from appliance.store.records import InstallResult, Release, find_release
+from appliance.store.records import InstallResult, Release, find_release, now
 from appliance.trust.manifest import Manifest, statement_bytes
 from appliance.trust.truststore import TrustStore, load_trust_store
 from appliance.trust.verify import VerifiedBundle, verify_bundle
@@ -184,7 +183,7 @@ def _release_row(verified: VerifiedBundle, path: Path) -> dict[str, Any]:
         "sequence": meta.sequence,
         "min_sequence": meta.min_sequence,
         "created": meta.created,
-        "installed_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "installed_at": now(),
         "manifest_sha256": _manifest_sha256(manifest),
         "model_sha256": manifest.files["model.gguf"].sha256,
         "source_model_sha256": meta.source_model_sha256,

@@ -34,6 +34,7 @@ class LedgerState:
     active: str | None = None  # manifest sha256
     previous_good: str | None = None
     frozen: bool = False
+    rollout: dict[str, Any] | None = None  # the running rollout: candidate, mode, step
     eval_reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> fingerprint
     api_keys: dict[str, bool] = field(default_factory=dict)  # key sha256 -> revoked
     trusted: list[str] = field(default_factory=list)  # key ids, unrevoked
@@ -72,6 +73,7 @@ def live_state(db: Database, trust: TrustStore) -> LedgerState:
         active=manifests.get(state["active_id"]),
         previous_good=manifests.get(state["previous_good_id"]),
         frozen=bool(state["frozen"]),
+        rollout=_running_rollout(db),
         eval_reports={
             str(r["id"]): report_fingerprint(r) for r in db.query("SELECT * FROM eval_reports")
         },
@@ -136,6 +138,14 @@ def _apply(state: LedgerState, action: str, target: str, details: dict[str, Any]
         state.previous_good, state.active = state.active, manifest
     elif action == "rollback":
         state.active, state.previous_good = manifest, None
+    elif action == "rollout start":
+        state.rollout = {"candidate": manifest, "mode": details.get("mode"), "step": 0}
+    elif action == "rollout advance" and state.rollout is not None:
+        state.rollout = {**state.rollout, "step": details.get("step")}
+    elif action == "rollout promote":
+        state.previous_good, state.active, state.rollout = state.active, manifest, None
+    elif action == "rollout abort":
+        state.rollout = None
     elif action in ("freeze", "unfreeze"):
         state.frozen = action == "freeze"
     elif action == "remove":
@@ -154,6 +164,16 @@ def _apply(state: LedgerState, action: str, target: str, details: dict[str, Any]
         state.revoked = sorted({*state.revoked, target})
     elif action == "key threshold":
         state.threshold = int(target)
+
+
+def _running_rollout(db: Database) -> dict[str, Any] | None:
+    if not db["rollouts"].exists():  # migration 0004 snapshots the state before 0005 ran
+        return None
+    rows = list(db.query("SELECT * FROM rollouts WHERE state = 'running'"))
+    if not rows:
+        return None
+    row = rows[0]
+    return {"candidate": row["manifest_sha256"], "mode": row["mode"], "step": row["step"]}
 
 
 def _show(value: Any, names: dict[str, str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlite_utils import Database
@@ -67,3 +68,8 @@ def parse_ref(ref: str) -> tuple[str, str]:
 def find_release(db: Database, name: str, version: str) -> Release | None:
     rows = list(db.query("SELECT * FROM releases WHERE name = ? AND version = ?", [name, version]))
     return Release.from_row(rows[0]) if rows else None
+
+
+def now() -> str:
+    """A timestamp as the store records them (UTC, seconds)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +41,10 @@ from appliance.store.records import (
     Release,
     StoreState,
     find_release,
+    now,
     parse_ref,
 )
+from appliance.store.rollouts import end, release_in_rollout, running_rollout
 from appliance.trust.crypto import PublicKey
 from appliance.trust.truststore import TrustedKey, TrustStore, load_trust_store
 from appliance.trust.verify import VerifiedBundle, verify_directory
@@ -138,16 +139,14 @@ class ReleaseStore:
                 raise FrozenError(f"releases are frozen ({state.frozen_reason}); unfreeze first")
             if state.active_id == release.id:
                 return release, False
-            self._check_floor(db, release)
-            decision = self.gate(db, release)
-            if not decision.passed and not force:
-                raise GateError(
-                    f"{ref} has not passed its eval gate on this host ({decision.reason}); "
-                    "run the eval, or use --force --reason TEXT"
+            rollout = running_rollout(db)
+            if rollout is not None:
+                raise StoreError(
+                    f"a rollout of {rollout.candidate} is running; promote or abort it first"
                 )
-            previous = self.release_by_id(db, state.active_id)
+            decision = self.check_activatable(db, release, force)
             with db.atomic():
-                self._set_state(db, active_id=release.id, previous_good_id=state.active_id)
+                previous = self.switch_active(db, release)
                 audit.append(
                     db,
                     "activate --force" if force else "activate",
@@ -163,6 +162,28 @@ class ReleaseStore:
             fault_point("activate.after_commit")
             return release, True
 
+    def check_activatable(
+        self, db: Database, release: Release, force: bool = False
+    ) -> GateDecision:
+        """Refuse a release below its name's sequence floor, or without a passing gate on
+        this host (unless forced); return the gate's decision."""
+        self._check_floor(db, release)
+        decision = self.gate(db, release)
+        if not decision.passed and not force:
+            raise GateError(
+                f"{release.ref} has not passed its eval gate on this host ({decision.reason}); "
+                "run the eval, or use --force --reason TEXT"
+            )
+        return decision
+
+    def switch_active(self, db: Database, release: Release) -> Release | None:
+        """Within the caller's transaction: make `release` active and the active one the
+        previous good release; return that one."""
+        state = self.state(db)
+        previous = self.release_by_id(db, state.active_id)
+        self._set_state(db, active_id=release.id, previous_good_id=state.active_id)
+        return previous
+
     def rollback(self, reason: str = "") -> tuple[Release, Release | None]:
         """Switch back to the previous good release (allowed while frozen)."""
         with self.admin() as db:
@@ -172,7 +193,10 @@ class ReleaseStore:
                 raise StoreError("there is no previous good release to roll back to")
             self._check_floor(db, target)
             current = self.release_by_id(db, state.active_id)
+            rollout = running_rollout(db)
             with db.atomic():
+                if rollout is not None:  # a rollback is an incident: no candidate stays on
+                    end(db, rollout, "aborted", f"rollback: {reason}".rstrip(": "), None)
                 self._set_state(db, active_id=target.id, previous_good_id=None)
                 audit.append(
                     db,
@@ -192,16 +216,16 @@ class ReleaseStore:
         if not reason.strip():
             raise UsageError("freezing needs a reason")
         with self.admin() as db, db.atomic():
-            now = _now()
+            stamp = now()
             db["state"].update(
-                1, {"frozen": 1, "frozen_reason": reason, "frozen_at": now, "updated_at": now}
+                1, {"frozen": 1, "frozen_reason": reason, "frozen_at": stamp, "updated_at": stamp}
             )
             audit.append(db, "freeze", "releases", reason)
 
     def unfreeze(self, reason: str = "") -> None:
         with self.admin() as db, db.atomic():
             db["state"].update(
-                1, {"frozen": 0, "frozen_reason": None, "frozen_at": None, "updated_at": _now()}
+                1, {"frozen": 0, "frozen_reason": None, "frozen_at": None, "updated_at": now()}
             )
             audit.append(db, "unfreeze", "releases", reason)
 
@@ -212,6 +236,8 @@ class ReleaseStore:
                 raise StoreError(f"{ref} is the active release; activate another one first")
             if release.id == state.previous_good_id:
                 raise StoreError(f"{ref} is the previous good release, kept for rollback")
+            if release_in_rollout(db, release):
+                raise StoreError(f"{ref} is in a running rollout; abort it first")
             with db.atomic():
                 db["releases"].delete(release.id)
                 # Its reports go with it: they judged bytes that are no longer here.
@@ -242,7 +268,7 @@ class ReleaseStore:
             "spec_hash": release.spec_hash,
             "host": host_id(),
             "passed": int(passed),
-            "created": _now(),
+            "created": now(),
             "report": report_json,
         }
         with self.admin() as db, db.atomic():
@@ -272,7 +298,7 @@ class ReleaseStore:
     # -- internals ---------------------------------------------------------------------
 
     def _set_state(self, db: Database, **values: Any) -> None:
-        db["state"].update(1, {**values, "updated_at": _now()})
+        db["state"].update(1, {**values, "updated_at": now()})
 
     def _check_floor(self, db: Database, release: Release) -> None:
         """Refuse a release older than a newer release's min_sequence allows to run."""
@@ -282,7 +308,3 @@ class ReleaseStore:
                 f"{release.ref} (sequence {release.sequence}) is below the minimum sequence "
                 f"{floor} that a newer {release.name!r} release requires"
             )
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -30,4 +30,13 @@ def telemetry_migrations() -> Migrations:
         db["requests"].create_index(["release", "time"])
         db["requests"].create_index(["time"])
 
+    @migrations(name="0002_roles_and_checks")
+    def add_roles_and_checks(db: Database) -> None:
+        # During a rollout two releases serve: each request says which answered and in what
+        # role, and how its text fared on the candidate's online checks.
+        db["requests"].add_column("role", str)  # stable | canary | shadow (None: before)
+        db["requests"].add_column("checks_run", int)  # online checks run on the output
+        db["requests"].add_column("checks_failed", int)
+        db["requests"].add_column("agreement", float)  # shadow: similarity to stable's answer
+
     return migrations

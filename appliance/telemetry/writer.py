@@ -30,6 +30,10 @@ class RequestRecord:
     ttft_seconds: float | None = None
     latency_seconds: float = 0.0
     error_class: str | None = None
+    role: str = "stable"  # stable | canary | shadow
+    checks_run: int = 0  # online checks run on the output (a rollout's candidate spec)
+    checks_failed: int = 0
+    agreement: float | None = None  # shadow: similarity of its answer to stable's (0..1)
 
 
 class TelemetryWriter:
