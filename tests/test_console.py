@@ -198,6 +198,42 @@ def fixed_snapshot() -> Snapshot:
             },
         ),
         threshold=1,
+        rollout={
+            "candidate": "demo@2.0.0",
+            "mode": "canary",
+            "state": "running",
+            "step": 1,
+            "steps": [5.0, 25.0, 50.0],
+            "percent": 25.0,
+            "last_check": {
+                "decision": "inconclusive",
+                "why": "31 of 50 canary requests so far",
+                "sides": {
+                    "stable": {
+                        "n": 140,
+                        "error_rate": 0.0,
+                        "p95_ms": 2900.0,
+                        "checked": 140,
+                        "check_failures": 1,
+                        "check_pass_rate": 0.993,
+                        "agreement": None,
+                    },
+                    "canary": {
+                        "n": 31,
+                        "error_rate": 0.032,
+                        "p95_ms": 3100.0,
+                        "checked": 30,
+                        "check_failures": 0,
+                        "check_pass_rate": 1.0,
+                        "agreement": None,
+                    },
+                },
+            },
+        },
+        rollout_history=(
+            {"time": "2026-11-30T04:20:00.000000Z", "action": "rollout start", "reason": "r7"},
+            {"time": "2026-11-30T04:21:00.000000Z", "action": "rollout advance", "reason": ""},
+        ),
     )
 
 
@@ -230,3 +266,7 @@ def test_snapshot_audit(snap_compare):
 
 def test_snapshot_keys(snap_compare):
     assert snap_compare(fixed_app(), press=["k", "_"], run_before=loaded)
+
+
+def test_snapshot_rollout(snap_compare):
+    assert snap_compare(fixed_app(), press=["o", "_"], run_before=loaded)

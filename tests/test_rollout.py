@@ -9,6 +9,7 @@ check "no-eights" passes on one and fails on the other.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import uuid
 import httpx
 import pytest
 from serving import start_server, wait_for
+from test_console import confirm_with, console_for, until
 from test_evals import cli, tiny_release  # noqa: F401
 from tinymodel import write_tiny_gguf
 
@@ -378,3 +380,30 @@ def test_a_session_stays_on_one_release(cli, tmp_path, tiny_gguf, service):
             for _ in range(4)
         }
         assert len(roles) == 1, session
+
+
+def test_the_console_aborts_a_canary(cli, tmp_path, tiny_gguf, service):
+    candidate = gated_release(cli, tmp_path, tiny_gguf, "1.1.0", 2)
+    assert cli("rollout", "start", candidate, "--canary", "--interval", "1h")[0] == 0
+    assert wait_for(lambda: len(service.get("/v1/models").json()["data"]) == 2, 60)
+    app = console_for(service)
+
+    async def drive() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            assert await until(pilot, lambda: app.snapshot is not None)
+            await pilot.press("o")
+            status = str(app.query_one("#rollout-status").render())
+            assert f"canary of {candidate}" in status and "r aborts" in status
+            await pilot.press("r")  # during a rollout, r aborts it (not a rollback)
+            await confirm_with(pilot, "operator saw enough")
+            assert await until(pilot, lambda: status_of_rollout() == "aborted")
+
+    asyncio.run(drive())
+    history = status()["history"]
+    assert history[-1]["action"] == "rollout abort"
+    assert history[-1]["reason"] == "operator saw enough"
+    assert wait_for(lambda: len(service.get("/v1/models").json()["data"]) == 1, 30)
+
+
+def status_of_rollout() -> str:
+    return status()["rollout"]["state"]

@@ -1,4 +1,5 @@
-"""The admin console: what serves, how fast, how well; roll back or freeze in a keystroke.
+"""The admin console: what serves, how fast, how well; roll back, freeze, or promote or
+abort a rollout in a keystroke.
 
 Data comes from `state.load_snapshot` in a thread worker every two seconds (the UI thread
 never touches SQLite); actions go through `state.ConsoleActions`, behind a confirmation
@@ -31,6 +32,7 @@ from textual.widgets import (
 from appliance.console.state import ConsoleActions, Snapshot
 from appliance.errors import ApplianceError
 from appliance.evals.report import verdict_word
+from appliance.evals.stats import wilson_interval
 
 REFRESH_SECONDS = 2.0
 
@@ -93,6 +95,8 @@ class ConsoleApp(App[None]):
         Binding("e", "show('evals')", "Evals", show=False),
         Binding("g", "show('audit')", "Audit", show=False),
         Binding("k", "show('keys')", "Keys", show=False),
+        Binding("o", "show('rollout')", "Rollout", show=False),
+        Binding("p", "promote", "Promote", show=False),  # listed on the Rollout screen
         Binding("a", "activate", "Activate"),
         Binding("r", "rollback", "Roll back"),
         Binding("f", "freeze", "Freeze"),
@@ -131,6 +135,10 @@ class ConsoleApp(App[None]):
             with TabPane("Keys (k)", id="keys"):
                 yield Static("", id="keys-status")
                 yield DataTable(id="keys-table", cursor_type="row")
+            with TabPane("Rollout (o)", id="rollout"):
+                yield Static("", id="rollout-status")
+                yield DataTable(id="rollout-table", cursor_type="row")
+                yield Static("", id="rollout-history")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -141,6 +149,9 @@ class ConsoleApp(App[None]):
             "#", "time (UTC)", "user", "action", "target", "reason"
         )
         self.query_one("#keys-table", DataTable).add_columns("key id", "name", "status", "signed")
+        self.query_one("#rollout-table", DataTable).add_columns(
+            "role", "requests", "errors", "p95", "online checks (95% Wilson)", "agreement"
+        )
         self.refresh_data()
         self.set_interval(self._refresh_seconds, self.refresh_data)
 
@@ -162,6 +173,7 @@ class ConsoleApp(App[None]):
         self._show_evals(snap)
         self._show_audit(snap)
         self._show_keys(snap)
+        self._show_rollout(snap)
 
     def _show_dashboard(self, snap: Snapshot) -> None:
         w, service = snap.window, snap.service
@@ -264,6 +276,42 @@ class ConsoleApp(App[None]):
             status = f"revoked {key['revoked'][:10]}" if key["revoked"] else "trusted"
             table.add_row(key["key_id"][:16], key["name"], status, ", ".join(key["signed"]) or "-")
 
+    def _show_rollout(self, snap: Snapshot) -> None:
+        rollout, status = snap.rollout, self.query_one("#rollout-status", Static)
+        table = self.query_one("#rollout-table", DataTable)
+        table.clear()
+        if rollout is None:
+            status.update("no rollout yet (appliance rollout start NAME@VERSION --canary)")
+            self.query_one("#rollout-history", Static).update("")
+            return
+        running = rollout["state"] == "running"
+        keys = "  p promotes, r aborts" if running else ""
+        look = rollout["last_check"] or {}
+        status.update(
+            f"[b]{rollout['mode']}[/b] of {rollout['candidate']} vs {snap.active or '-'}: "
+            f"{rollout['state']}, step {rollout['step'] + 1}/{len(rollout['steps'])} at "
+            f"{rollout['percent']:g}%{keys}\n"
+            f"latest look: {look.get('decision', '-')}: {escape(look.get('why', ''))}"
+        )
+        for role, side in look.get("sides", {}).items():
+            low, high = wilson_interval(side["checked"] - side["check_failures"], side["checked"])
+            agreement = side.get("agreement")
+            table.add_row(
+                role,
+                str(side["n"]),
+                f"{side['error_rate']:.1%}",
+                _ms(side["p95_ms"]),
+                f"{side['check_pass_rate']:.0%} [{low:.2f}, {high:.2f}]",
+                "-" if agreement is None else f"{agreement:.2f}",
+            )
+        self.query_one("#rollout-history", Static).update(
+            "\n".join(
+                f"{row['time'][5:19].replace('T', ' ')}  {row['action']}"
+                + (f"  ({escape(row['reason'])})" if row["reason"] else "")
+                for row in snap.rollout_history
+            )
+        )
+
     # -- navigation and actions --------------------------------------------------------
 
     def action_show(self, tab: str) -> None:
@@ -288,7 +336,35 @@ class ConsoleApp(App[None]):
             "Activate release", change, True, lambda why: self._actions.activate(ref, why)
         )
 
+    def _running_rollout(self) -> dict | None:
+        rollout = self.snapshot.rollout if self.snapshot else None
+        return rollout if rollout and rollout["state"] == "running" else None
+
+    def action_promote(self) -> None:
+        rollout = self._running_rollout()
+        if rollout is None:
+            self.notify("no rollout is running", severity="warning")
+            return
+        change = (
+            f"{rollout['candidate']} becomes the active release now; {self.snapshot.active} "
+            "stays as the previous good release."
+        )
+        self._confirm(
+            "Promote rollout", change, False, lambda why: self._actions.promote_rollout(why)
+        )
+
     def action_rollback(self) -> None:
+        rollout = self._running_rollout()
+        if rollout is not None:  # during a rollout, r aborts it
+            self.action_show("rollout")
+            change = (
+                f"The {rollout['mode']} of {rollout['candidate']} stops: it gets no more "
+                f"traffic and is unloaded; {self.snapshot.active} keeps serving."
+            )
+            self._confirm(
+                "Abort rollout", change, True, lambda why: self._actions.abort_rollout(why)
+            )
+            return
         previous = (
             next((r.ref for r in self.snapshot.releases if r.state == "previous-good"), None)
             if self.snapshot

@@ -23,6 +23,12 @@ from appliance.store.db import open_state_db
 from appliance.store.gate import GateDecision
 from appliance.store.records import Release
 from appliance.store.releases import ReleaseStore
+from appliance.store.rollouts import (
+    abort_rollout,
+    latest_rollout,
+    promote_rollout,
+    rollout_history,
+)
 from appliance.telemetry.queries import WindowStats, percentile, window_stats
 from appliance.trust.truststore import load_trust_store
 
@@ -70,6 +76,8 @@ class Snapshot:
     keys: tuple[dict[str, Any], ...]
     threshold: int
     notes: tuple[str, ...] = field(default_factory=tuple)  # errors to show, never raise
+    rollout: dict[str, Any] | None = None  # the running or latest rollout (Rollout.as_dict)
+    rollout_history: tuple[dict[str, Any], ...] = ()  # its audited decisions, oldest first
 
 
 def load_snapshot(
@@ -90,6 +98,8 @@ def load_snapshot(
         trust = load_trust_store(paths.trust_store)
         audit_problem = _audit_problem(db, trust)
         audit_rows = tuple(audit.rows(db, limit=200))
+        rollout = latest_rollout(db)
+        history = tuple(rollout_history(db, rollout.id)) if rollout else ()
     finally:
         db.close()
     keys = tuple(
@@ -121,6 +131,8 @@ def load_snapshot(
         audit_problem=audit_problem,
         keys=keys,
         threshold=trust.threshold,
+        rollout=rollout.as_dict() if rollout else None,
+        rollout_history=history,
     )
 
 
@@ -224,3 +236,11 @@ class ConsoleActions:
     def unfreeze(self, reason: str) -> str:
         self.store.unfreeze(reason)
         return "releases unfrozen"
+
+    def promote_rollout(self, reason: str) -> str:
+        done = promote_rollout(self.store, reason)
+        return f"promoted {done.candidate}: it is the active release"
+
+    def abort_rollout(self, reason: str) -> str:
+        done = abort_rollout(self.store, reason)
+        return f"aborted the {done.mode} of {done.candidate}"
