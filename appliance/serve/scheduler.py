@@ -31,6 +31,7 @@ COPY_MIN_TOKENS = 32
 # many times as long as a step that only decodes.
 STALL_FACTOR = 4.0
 MIN_PREFILL_CHUNK = 64
+YIELD_SECONDS = 0.005  # how long a shadow waits before it looks at the primary again
 
 
 class QueueFull(Exception):
@@ -177,6 +178,9 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self.failure: str | None = None  # why the decode thread died, if it did
+        # A shadow's scheduler steps only while this says the primary is idle, so mirrored
+        # work runs on CPU the primary is not using (set by the service, read each step).
+        self.yields_to: Callable[[], bool] | None = None
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -234,6 +238,9 @@ class Scheduler:
                     return
                 self._admit()
             self._drop_cancelled()
+            if self.yields_to is not None and self.yields_to() and not self._stopping:
+                time.sleep(YIELD_SECONDS)  # a shadow: the primary has work, so wait
+                continue
             if self._active:
                 self._step()
 

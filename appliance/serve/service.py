@@ -31,7 +31,7 @@ from appliance.evals.spec import Online, load_spec
 from appliance.paths import AppliancePaths
 from appliance.serve.config import ServiceOptions, ServingConfig
 from appliance.serve.metrics import ServiceMetrics
-from appliance.serve.rollout import CANARY, STABLE, Route, bucket, judge, unix_time
+from appliance.serve.rollout import CANARY, SHADOW, STABLE, Route, bucket, judge, unix_time
 from appliance.serve.runtime import ModelRuntime
 from appliance.store.apikeys import active_key_hashes, token_matches
 from appliance.store.db import open_state_db
@@ -174,6 +174,7 @@ class Service:
         candidate = self._candidate
         if candidate is not None and candidate.manifest_sha256 == active.manifest_sha256:
             self._candidate, self._rollout = None, None  # promoted: it is loaded already
+            candidate.scheduler.yields_to = None  # a promoted shadow yields to no one
             self._swap(candidate)
             return
         self._load_and_swap(active.ref, active.manifest_sha256, lambda: self._load(active))
@@ -206,6 +207,8 @@ class Service:
             log.error("rollout candidate %s failed to load: %s", rollout.candidate, exc)
             self._abort(rollout, f"the candidate failed to load: {exc}", None)
             return
+        if rollout.mode == SHADOW:  # mirrored work runs only while stable is idle
+            runtime.scheduler.yields_to = self._stable_busy
         self._candidate, self._rollout = runtime, rollout
         log.info("%s of %s at %g%%", rollout.mode, rollout.candidate, rollout.percent)
 
@@ -233,6 +236,12 @@ class Service:
             log.warning("rollout of %s aborted: %s", rollout.candidate, reason)
         except ApplianceError as exc:  # tried again at the next poll
             log.error("could not abort the rollout of %s yet: %s", rollout.candidate, exc)
+
+    def _stable_busy(self) -> bool:
+        stable = self._runtime
+        return stable is not None and bool(
+            stable.scheduler.stats.busy_slots or stable.scheduler.stats.queued
+        )
 
     def _retire_candidate(self) -> None:
         candidate, self._candidate, self._rollout = self._candidate, None, None

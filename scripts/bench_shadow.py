@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Benchmark: what a 100% shadow costs the stable release's clients.
+
+Builds two releases of the same model (default: the embedded Gemma 3 270M Q4_K_M) in a
+throwaway appliance home, gates both on this host, activates the first and serves it.
+Then 4 clients stream distinct prompts (scripts/bench_serve.py's "distinct" workload)
+three times: with no rollout, with the second release as a 100% shadow, and with no
+rollout again (the two bracket drift). It prints stable's p50/p95 latency in each run,
+the ratio of the shadow run's p95 to the mean of the other two (the target is <= 1.10),
+and how many copies the shadow answered and how many it dropped.
+
+    .venv/bin/python scripts/bench_shadow.py [--requests 8] [--model FILE.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_serve  # noqa: E402 - the workloads and the streaming client
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENTS = 4
+
+
+def appliance(home: Path, *args: object) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", *map(str, args), "--json"],
+        env={**os.environ, "APPLIANCE_HOME": str(home)},
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"appliance {' '.join(map(str, args))}: {result.stderr.strip()}")
+    return json.loads(result.stdout or "{}")
+
+
+def release_source(work: Path, version: str, sequence: int, model: Path | None) -> Path:
+    source = work / f"src-{version}"
+    shutil.copytree(REPO / "bundles" / "demo", source)
+    toml = source / "bundle.toml"
+    text = re.sub(r'version = "[^"]+"', f'version = "{version}"', toml.read_text(), count=1)
+    text = re.sub(r"\nsequence = \d+", f"\nsequence = {sequence}", text, count=1)
+    if model is not None:
+        text = re.sub(r'embedded = "[^"]+"', f'path = "{model}"', text)
+    toml.write_text(text)
+    return toml
+
+
+def prepare(home: Path, work: Path, model: Path | None) -> None:
+    print("building, installing and gating two releases (a few minutes)...", flush=True)
+    appliance(home, "keys", "generate", "--out", work / "keys", "--name", "bench")
+    appliance(home, "keys", "trust", work / "keys" / "bench.pub")
+    for version, sequence in (("1.0.0", 1), ("1.1.0", 2)):
+        toml = release_source(work, version, sequence, model)
+        built = appliance(
+            home,
+            "bundle",
+            "build",
+            toml,
+            "--key",
+            work / "keys" / "bench.key",
+            "--out",
+            work / "dist",
+        )
+        appliance(home, "release", "install", built["bundle"])
+        gate = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                "eval",
+                "run",
+                f"demo@{version}",
+                "--baseline",
+                "none",
+            ],
+            env={**os.environ, "APPLIANCE_HOME": str(home)},
+            capture_output=True,
+            text=True,
+        )
+        if gate.returncode != 0:
+            raise SystemExit(f"the gate of demo@{version} did not pass: {gate.stdout[-400:]}")
+    appliance(home, "release", "activate", "demo@1.0.0")
+
+
+def measure(base: str, label: str, requests_each: int) -> float:
+    wall, streams = bench_serve.run_load(base, "distinct", CLIENTS, requests_each)
+    m = bench_serve.summarise(label, "distinct", CLIENTS, wall, streams)
+    print(
+        f"{label:<12} {m.tokens_per_second:7.1f} tok/s  p50 {m.p50_latency:6.2f} s  "
+        f"p95 {m.p95_latency:6.2f} s",
+        flush=True,
+    )
+    return m.p95_latency
+
+
+def metric(base: str, pattern: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return sum(float(v) for v in re.findall(pattern + r" (\S+)$", text, re.M))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=8, help="requests per client per run")
+    parser.add_argument("--model", type=Path, help="a GGUF instead of the embedded default")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-shadow-"))
+    home = work / "home"
+    prepare(home, work, args.model)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(work / "serve.log", "w")  # noqa: SIM115 - lives as long as the server
+    server = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--insecure-no-auth"],
+        env={**os.environ, "APPLIANCE_HOME": str(home)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200)
+        measure(base, "warm-up", 1)
+        before = measure(base, "no shadow", args.requests)
+        appliance(
+            home,
+            "rollout",
+            "start",
+            "demo@1.1.0",
+            "--shadow",
+            "--percent",
+            "100",
+            "--interval",
+            "10s",
+        )
+        wait(lambda: "rollout" in httpx.get(f"{base}/readyz", timeout=1).json())
+        shadowed = measure(base, "shadow 100%", args.requests)
+        answered = metric(
+            base,
+            r'^appliance_release_requests_total\{release="demo@1\.1\.0",'
+            r'role="shadow",status="200"\}',
+        )
+        dropped = metric(base, r"^appliance_shadow_dropped_total")
+        appliance(home, "rollout", "abort", "--reason", "benchmark done")
+        wait(lambda: "rollout" not in httpx.get(f"{base}/readyz", timeout=1).json())
+        after = measure(base, "no shadow", args.requests)
+    finally:
+        server.terminate()
+        server.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+    ratio = shadowed / ((before + after) / 2)
+    print(
+        f"\nstable p95 with a 100% shadow / without: {ratio:.2f}x (target <= 1.10); "
+        f"the shadow answered {answered:.0f} copies and dropped {dropped:.0f}"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait(condition, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("timed out waiting for the service")
+
+
+if __name__ == "__main__":
+    main()
