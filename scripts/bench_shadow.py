@@ -3,18 +3,21 @@
 
 Builds two releases of the same model (default: the embedded Gemma 3 270M Q4_K_M) in a
 throwaway appliance home, gates both on this host, activates the first and serves it.
-Then 4 clients stream distinct prompts (scripts/bench_serve.py's "distinct" workload)
-three times: with no rollout, with the second release as a 100% shadow, and with no
-rollout again (the two bracket drift). It prints stable's p50/p95 latency in each run,
-the ratio of the shadow run's p95 to the mean of the other two (the target is <= 1.10),
-and how many copies the shadow answered and how many it dropped.
+Then 4 clients stream distinct prompts (scripts/bench_serve.py's "distinct" workload),
+each waiting --think seconds between its requests (a shadow runs only while stable is
+idle, so a load that never lets stable idle leaves it nothing to do), three times: with
+no rollout, with the second release as a 100% shadow, and with no rollout again (the two
+bracket drift). It prints stable's p50/p95 latency in each run, the ratio of the shadow
+run's p95 to the mean of the other two (the target is <= 1.10), and how many copies the
+shadow answered and how many it dropped.
 
-    .venv/bin/python scripts/bench_shadow.py [--requests 8] [--model FILE.gguf]
+    .venv/bin/python scripts/bench_shadow.py [--requests 8] [--think 2] [--model FILE.gguf]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,15 +100,31 @@ def prepare(home: Path, work: Path, model: Path | None) -> None:
     appliance(home, "release", "activate", "demo@1.0.0")
 
 
-def measure(base: str, label: str, requests_each: int) -> float:
-    wall, streams = bench_serve.run_load(base, "distinct", CLIENTS, requests_each)
-    m = bench_serve.summarise(label, "distinct", CLIENTS, wall, streams)
+def measure(base: str, label: str, requests_each: int, think: float) -> float:
+    """CLIENTS clients, each sending distinct prompts with `think` seconds between its
+    requests (a shadow can only use the time stable is idle); stable's p50/p95 latency."""
+    streams: list[bench_serve.Stream] = []
+    counter = itertools.count()
+
+    def client(index: int) -> None:
+        prompts = bench_serve.prompts_for("distinct", index, counter)
+        for _ in range(requests_each):
+            streams.append(bench_serve.stream_completion(base, next(prompts)))
+            time.sleep(think)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    m = bench_serve.summarise(label, "distinct", CLIENTS, time.perf_counter() - start, streams)
     print(
-        f"{label:<12} {m.tokens_per_second:7.1f} tok/s  p50 {m.p50_latency:6.2f} s  "
-        f"p95 {m.p95_latency:6.2f} s",
+        f"{label:<12} {len(streams)} requests  p50 {m.p50:6.2f} s  p95 {m.p95:6.2f} s  "
+        f"TTFT p95 {m.ttft_p95:5.2f} s",
         flush=True,
     )
-    return m.p95_latency
+    return m.p95
 
 
 def metric(base: str, pattern: str) -> float:
@@ -116,6 +136,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=8, help="requests per client per run")
     parser.add_argument("--model", type=Path, help="a GGUF instead of the embedded default")
+    parser.add_argument(
+        "--think", type=float, default=2.0, help="seconds each client waits between requests"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-shadow-"))
     home = work / "home"
@@ -131,8 +154,8 @@ def main() -> None:
     )
     try:
         wait(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200)
-        measure(base, "warm-up", 1)
-        before = measure(base, "no shadow", args.requests)
+        measure(base, "warm-up", 1, 0)
+        before = measure(base, "no shadow", args.requests, args.think)
         appliance(
             home,
             "rollout",
@@ -145,7 +168,7 @@ def main() -> None:
             "10s",
         )
         wait(lambda: "rollout" in httpx.get(f"{base}/readyz", timeout=1).json())
-        shadowed = measure(base, "shadow 100%", args.requests)
+        shadowed = measure(base, "shadow 100%", args.requests, args.think)
         answered = metric(
             base,
             r'^appliance_release_requests_total\{release="demo@1\.1\.0",'
@@ -154,7 +177,7 @@ def main() -> None:
         dropped = metric(base, r"^appliance_shadow_dropped_total")
         appliance(home, "rollout", "abort", "--reason", "benchmark done")
         wait(lambda: "rollout" not in httpx.get(f"{base}/readyz", timeout=1).json())
-        after = measure(base, "no shadow", args.requests)
+        after = measure(base, "no shadow", args.requests, args.think)
     finally:
         server.terminate()
         server.wait(60)
