@@ -23,6 +23,15 @@ class UsageError(ApplianceError):
     exit_code = 3
 
 
+class PromptTooLong(UsageError):
+    """The prompt leaves no room in a slot's context for even one generated token."""
+
+    def __init__(self, prompt_tokens: int, context: int) -> None:
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens; this model's context holds {context}"
+        )
+
+
 class HostError(ApplianceError):
     """The host failed us: disk full, permission denied, a file vanished."""
 

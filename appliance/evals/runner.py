@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.errors import ApplianceError, EvalTargetError
+from appliance.errors import ApplianceError, EvalTargetError, PromptTooLong
 from appliance.evals.host import HostMonitor, HostState
 from appliance.evals.scorers import SCORERS
 from appliance.evals.spec import Case, EvalSpec
@@ -138,18 +138,14 @@ def _run_on_runtime(spec: EvalSpec, runtime: ModelRuntime, progress: Progress) -
 
 
 def _generation(spec: EvalSpec, runtime: ModelRuntime, case: Case) -> Generation:
-    if case.messages is not None:
-        tokens = runtime.chat.tokens(list(case.messages))
-    else:
-        tokens = runtime.engine.tokenize(case.prompt or "")
-    room = runtime.engine.context_per_slot - len(tokens)
-    if room < 1:
-        raise ApplianceError(f"eval case {case.id} does not fit the model's context")
-    return Generation(
-        tokens,
-        SamplingParams(temperature=spec.temperature, seed=spec.seed),
-        min(spec.max_tokens, room),
-    )
+    """The same preparation as the API's: template, tokens, context check, caps."""
+    messages = list(case.messages) if case.messages is not None else None
+    tokens = runtime.prompt_tokens(messages, case.prompt)
+    sampling = SamplingParams(temperature=spec.temperature, seed=spec.seed)
+    try:
+        return runtime.generation(tokens, sampling, spec.max_tokens)
+    except PromptTooLong as exc:
+        raise ApplianceError(f"eval case {case.id}: {exc.message}") from exc
 
 
 def run_over_http(

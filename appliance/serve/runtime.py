@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.errors import PromptTooLong
 from appliance.serve.chat import ChatFormatter
-from appliance.serve.config import ServiceOptions, ServingConfig
+from appliance.serve.config import SamplingParams, ServiceOptions, ServingConfig
 from appliance.serve.engine import Engine, EngineConfig
 from appliance.serve.probe import probe_model
-from appliance.serve.scheduler import Scheduler
+from appliance.serve.scheduler import Generation, Scheduler
 
 
 @dataclass
@@ -48,6 +49,34 @@ class ModelRuntime:
         return cls(
             model_id, manifest_sha256, serving, engine, scheduler, ChatFormatter(engine, template)
         )
+
+    # -- preparing a generation: one path for the API, a shadow's copy and the eval runner --
+
+    def prompt_tokens(
+        self, messages: list[tuple[str, str]] | None = None, prompt: str | None = None
+    ) -> list[int]:
+        """Render chat messages with the release's template (only its markup may produce
+        control tokens), or tokenize a plain prompt as text."""
+        if messages is not None:
+            return self.chat.tokens(messages)
+        return self.engine.tokenize(prompt or "")
+
+    def generation(
+        self,
+        tokens: list[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        stop: tuple[str, ...] = (),
+        ignore_eos: bool = False,
+        deadline: float = float("inf"),
+    ) -> Generation:
+        """A request for this model: refused when the prompt fills the context, its
+        max_tokens capped by the release's serving config and the room left."""
+        room = self.engine.context_per_slot - len(tokens)
+        if room < 1:
+            raise PromptTooLong(len(tokens), self.engine.context_per_slot)
+        capped = min(max_tokens, self.serving.max_tokens, room)
+        return Generation(tokens, sampling, capped, stop, ignore_eos, deadline)
 
     def close(self) -> None:
         """Let in-flight requests finish, then free the model."""

@@ -1,0 +1,301 @@
+"""One request's answer: relaying the scheduler's events to the client (one JSON response or
+server-sent events), recording its telemetry and metrics with the online checks run on its
+text, and a shadow's mirrored copy."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from appliance.errors import PromptTooLong
+from appliance.serve.api_errors import ApiError, error_body
+from appliance.serve.rollout import SHADOW, Route
+from appliance.serve.runtime import ModelRuntime
+from appliance.serve.scheduler import Event, Generation, QueueFull, SchedulerDown, Unloading
+from appliance.serve.service import Service
+from appliance.telemetry.writer import RequestRecord
+
+
+def mirror(
+    service: Service,
+    shadow: ModelRuntime,
+    stable: ModelRuntime,
+    prepare: Callable[[ModelRuntime], list[int]],
+    generation: Generation,
+    kind: str,
+    stable_text: str,
+) -> None:
+    """Give the shadow a copy of a request stable has answered, only when neither has work
+    waiting (stable never waits for it); record how the two answers compare."""
+    if stable.scheduler.stats.queued or shadow.scheduler.stats.queued:
+        service.metrics.shadow_dropped.inc()
+        return
+    arrived, parts = time.time(), []
+
+    def compare(event: Event) -> None:  # on the shadow's scheduler thread
+        parts.append(event.text)
+        if event.finish_reason is None:
+            return
+        text = "".join(parts)
+        status, error = status_for(event)
+        similarity = difflib.SequenceMatcher(None, text, stable_text, autojunk=False).ratio()
+        answered = text if status == 200 else None
+        record(
+            service,
+            Route(shadow, SHADOW),
+            kind,
+            status,
+            arrived,
+            event,
+            None,
+            error,
+            text=answered,
+            agreement=similarity,
+        )
+
+    try:
+        copy = shadow.generation(
+            prepare(shadow),
+            generation.sampling,
+            generation.max_tokens,
+            generation.stop,
+            generation.ignore_eos,
+            deadline=time.monotonic() + service.options.request_timeout_seconds,
+        )
+        shadow.scheduler.submit(copy, compare)
+    except (ApiError, PromptTooLong, SchedulerDown, Unloading, QueueFull):
+        service.metrics.shadow_dropped.inc()
+
+
+class Relay:
+    """Relays one request's scheduler events to its client and records its telemetry.
+
+    A streaming request wakes the event loop for every token; a whole-response request
+    collects its text on the scheduler thread and wakes the loop once, at the end, so
+    the loop does not take CPU from llama.cpp's threads while they decode.
+    """
+
+    def __init__(self, service, route: Route, kind: str, arrived: float, streaming: bool) -> None:
+        self.service, self.route, self.kind, self.arrived = service, route, kind, arrived
+        self.runtime = route.runtime
+        self.streaming = streaming
+        self.on_answer: Callable[[str], object] | None = None  # a shadow's copy, once answered
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.parts: list[str] = []  # whole responses: text gathered on the scheduler thread
+        self.ticket = None
+        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
+        self.first_token_at: float | None = None
+
+    def listener(self, event: Event) -> None:
+        """Called on the scheduler thread."""
+        if event.text and self.first_token_at is None:
+            self.first_token_at = time.time()
+        if self.streaming or event.finish_reason is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        else:
+            self.parts.append(event.text)
+
+    async def whole(self, request: Request) -> JSONResponse:
+        while True:
+            try:
+                event = await asyncio.wait_for(self.events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    self.ticket.cancel()
+                    self._finish(499, None, "cancelled")
+                    return JSONResponse({}, status_code=499)
+                continue
+            return self._final_response("".join(self.parts) + event.text, event)
+
+    def _final_response(self, text: str, event: Event) -> JSONResponse:
+        status, error = status_for(event)
+        self._finish(status, event, error, text)
+        if status != 200:
+            return JSONResponse(
+                error_body(message_for(event), "server_error", error), status_code=status
+            )
+        if self.kind == "chat.completion":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": event.finish_reason,
+                "logprobs": None,
+            }
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "finish_reason": event.finish_reason,
+                "logprobs": None,
+            }
+        return JSONResponse(
+            {
+                "id": self.id,
+                "object": self.kind,
+                "created": int(self.arrived),
+                "model": self.runtime.model_id,
+                "choices": [choice],
+                "usage": usage(event),
+            }
+        )
+
+    async def sse(self, include_usage: bool) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            if self.kind == "chat.completion":
+                yield self._chunk({"role": "assistant", "content": ""}, None)
+            while True:
+                event = await self.events.get()
+                if event.text:
+                    self.parts.append(event.text)
+                    yield self._chunk(self._delta(event.text), None)
+                if event.finish_reason is None:
+                    continue
+                finished = True
+                status, error = status_for(event)
+                self._finish(status, event, error, "".join(self.parts))
+                if status != 200:
+                    body = error_body(message_for(event), "server_error", error)
+                    yield f"data: {json.dumps(body)}\n\n".encode()
+                else:
+                    yield self._chunk(
+                        {} if self.kind == "chat.completion" else "", event.finish_reason
+                    )
+                    if include_usage:
+                        yield self._chunk(None, None, usage=usage(event))
+                yield b"data: [DONE]\n\n"
+                return
+        finally:
+            if not finished:  # the client went away: free the slot now
+                self.ticket.cancel()
+                self._finish(499, None, "cancelled")
+
+    def _delta(self, text: str) -> Any:
+        return {"content": text} if self.kind == "chat.completion" else text
+
+    def _chunk(self, delta: Any, finish_reason: str | None, usage: dict | None = None) -> bytes:
+        if delta is None:
+            choices = []
+        elif self.kind == "chat.completion":
+            choices = [
+                {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            ]
+        else:
+            choices = [
+                {"index": 0, "text": delta, "finish_reason": finish_reason, "logprobs": None}
+            ]
+        chunk = {
+            "id": self.id,
+            "object": f"{self.kind}.chunk" if self.kind == "chat.completion" else self.kind,
+            "created": int(self.arrived),
+            "model": self.runtime.model_id,
+            "choices": choices,
+        }
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    def _finish(
+        self, status: int, event: Event | None, error: str | None, text: str | None = None
+    ) -> None:
+        answered = text if status == 200 else None
+        record(
+            self.service,
+            self.route,
+            self.kind,
+            status,
+            self.arrived,
+            event,
+            self.first_token_at,
+            error,
+            text=answered,
+        )
+        if answered is not None and self.on_answer is not None:
+            self.on_answer(answered)
+
+
+def status_for(event: Event) -> tuple[int, str | None]:
+    if event.finish_reason == "timeout":
+        return 504, "timeout"
+    if event.finish_reason == "error":
+        return 500, "engine_error"
+    if event.finish_reason == "cancelled":
+        return 499, "cancelled"
+    return 200, None
+
+
+def message_for(event: Event) -> str:
+    if event.finish_reason == "timeout":
+        return "the request ran past its deadline"
+    return "generation failed"  # engine details stay in the service log, not the response
+
+
+def usage(event: Event) -> dict[str, int]:
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+def record(
+    service: Service,
+    route: Route,
+    kind: str,
+    status: int,
+    arrived: float,
+    event: Event | None = None,
+    first_token_at: float | None = None,
+    error_class: str | None = None,
+    text: str | None = None,
+    agreement: float | None = None,
+) -> None:
+    """Count the request in /metrics and telemetry; run the online checks on its text."""
+    now = time.time()
+    release = route.runtime.model_id
+    endpoint = "chat" if kind == "chat.completion" else "completions"
+    checks = service.online.checks if text is not None else ()
+    failed = sum(1 for check in checks if not check.passes(text or ""))
+    if route.role != SHADOW:
+        service.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+    service.metrics.by_release.labels(release=release, role=route.role, status=str(status)).inc()
+    if failed:
+        service.metrics.check_failures.labels(release=release, role=route.role).inc()
+    record = RequestRecord(
+        time=arrived,
+        release=release,
+        endpoint=endpoint,
+        status=status,
+        latency_seconds=now - arrived,
+        error_class=error_class,
+        role=route.role,
+        checks_run=len(checks),
+        checks_failed=failed,
+        agreement=agreement,
+    )
+    if event is not None:
+        service.metrics.prompt_tokens.inc(event.prompt_tokens)
+        service.metrics.completion_tokens.inc(event.completion_tokens)
+        ttft = first_token_at - arrived if first_token_at else None
+        record = replace(
+            record,
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            queue_seconds=event.queue_seconds,
+            ttft_seconds=ttft,
+        )
+        if status == 200 and route.role != SHADOW:
+            service.metrics.latency.observe(now - arrived)
+            if ttft is not None:
+                service.metrics.ttft.observe(ttft)
+    service.telemetry.record(record)
