@@ -167,6 +167,9 @@ def _check_line(check: dict[str, Any]) -> str:
         for role, side in sides.items()
         if side.get("n")
     )
-    return f"{check.get('decision', '?')}: {check.get('why', '')}" + (
+    noise = ""
+    if check.get("divergence") is not None:
+        noise = f"; noise floor {check['noise_floor']:.2f}, divergence {check['divergence']:+.2f}"
+    return f"{check.get('decision', '?')}: {check.get('why', '')}{noise}" + (
         f" [{figures}]" if figures else ""
     )

@@ -292,6 +292,7 @@ class ConsoleApp(App[None]):
             f"{rollout['state']}, step {rollout['step'] + 1}/{len(rollout['steps'])} at "
             f"{rollout['percent']:g}%{keys}\n"
             f"latest look: {look.get('decision', '-')}: {escape(look.get('why', ''))}"
+            + _noise(look)
         )
         for role, side in look.get("sides", {}).items():
             low, high = wilson_interval(side["checked"] - side["check_failures"], side["checked"])
@@ -414,6 +415,13 @@ class ConsoleApp(App[None]):
             return
         self.call_from_thread(self.notify, message, title="done")
         self.call_from_thread(self.refresh_data)
+
+
+def _noise(look: dict) -> str:
+    """A shadow's divergence from stable, against stable's own (its noise floor)."""
+    if look.get("noise_floor") is None or look.get("divergence") is None:
+        return ""
+    return f"\nnoise floor {look['noise_floor']:.2f}, shadow diverges by {look['divergence']:+.2f}"
 
 
 def _s(seconds: float | None) -> str:

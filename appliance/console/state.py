@@ -201,7 +201,8 @@ def _series(db, now: float) -> tuple[tuple[float, ...], ...]:
     start = now - SPARK_BUCKETS * SPARK_SECONDS
     buckets: list[list[dict]] = [[] for _ in range(SPARK_BUCKETS)]
     for row in db.query(
-        "SELECT time, status, latency_seconds, completion_tokens FROM requests WHERE time >= ?",
+        "SELECT time, status, latency_seconds, completion_tokens FROM requests WHERE time >= ? "
+        "AND (role IS NULL OR role IN ('stable', 'canary'))",
         [start],
     ):
         index = min(SPARK_BUCKETS - 1, int((row["time"] - start) // SPARK_SECONDS))

@@ -18,11 +18,13 @@ from fastapi.responses import JSONResponse
 
 from appliance.errors import PromptTooLong
 from appliance.serve.api_errors import ApiError, error_body
-from appliance.serve.rollout import SHADOW, Route
+from appliance.serve.rollout import MIRRORED, REPLAY, SHADOW, Route
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, Generation, QueueFull, SchedulerDown, Unloading
 from appliance.serve.service import Service
 from appliance.telemetry.writer import RequestRecord
+
+REPLAY_EVERY = 5  # one mirrored request in five is also replayed on stable (the noise floor)
 
 
 def mirror(
@@ -35,23 +37,49 @@ def mirror(
     stable_text: str,
 ) -> None:
     """Give the shadow a copy of a request stable has answered, only when neither has work
-    waiting (stable never waits for it); record how the two answers compare."""
+    waiting (stable never waits for it); record how the two answers compare. One copy in
+    REPLAY_EVERY also goes to stable itself: how far stable differs from itself on the same
+    prompt is the noise floor the shadow's divergence is judged against."""
     if stable.scheduler.stats.queued or shadow.scheduler.stats.queued:
         service.metrics.shadow_dropped.inc()
         return
-    arrived, parts = time.time(), []
+    targets = [(shadow, SHADOW)]
+    if next(service.mirrored) % REPLAY_EVERY == 0:
+        targets.append((stable, REPLAY))
+    for runtime, role in targets:
+        arrived = time.time()
+        listener = _comparing(service, Route(runtime, role), kind, arrived, stable_text)
+        try:
+            copy = runtime.generation(
+                prepare(runtime),
+                generation.sampling,
+                generation.max_tokens,
+                generation.stop,
+                generation.ignore_eos,
+                deadline=time.monotonic() + service.options.request_timeout_seconds,
+            )
+            runtime.scheduler.submit(copy, listener)
+        except (ApiError, PromptTooLong, SchedulerDown, Unloading, QueueFull):
+            service.metrics.shadow_dropped.inc()
 
-    def compare(event: Event) -> None:  # on the shadow's scheduler thread
+
+def _comparing(
+    service: Service, route: Route, kind: str, arrived: float, reference: str
+) -> Callable[[Event], None]:
+    """A listener that records a mirrored answer with its similarity to `reference`."""
+    parts: list[str] = []
+
+    def listener(event: Event) -> None:  # on that runtime's scheduler thread
         parts.append(event.text)
         if event.finish_reason is None:
             return
         text = "".join(parts)
         status, error = status_for(event)
-        similarity = difflib.SequenceMatcher(None, text, stable_text, autojunk=False).ratio()
+        similarity = difflib.SequenceMatcher(None, text, reference, autojunk=False).ratio()
         answered = text if status == 200 else None
         record(
             service,
-            Route(shadow, SHADOW),
+            route,
             kind,
             status,
             arrived,
@@ -62,18 +90,7 @@ def mirror(
             agreement=similarity,
         )
 
-    try:
-        copy = shadow.generation(
-            prepare(shadow),
-            generation.sampling,
-            generation.max_tokens,
-            generation.stop,
-            generation.ignore_eos,
-            deadline=time.monotonic() + service.options.request_timeout_seconds,
-        )
-        shadow.scheduler.submit(copy, compare)
-    except (ApiError, PromptTooLong, SchedulerDown, Unloading, QueueFull):
-        service.metrics.shadow_dropped.inc()
+    return listener
 
 
 class Relay:
@@ -266,7 +283,7 @@ def record(
     endpoint = "chat" if kind == "chat.completion" else "completions"
     checks = service.online.checks if text is not None else ()
     failed = sum(1 for check in checks if not check.passes(text or ""))
-    if route.role != SHADOW:
+    if route.role not in MIRRORED:
         service.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
     service.metrics.by_release.labels(release=release, role=route.role, status=str(status)).inc()
     if failed:
@@ -294,7 +311,7 @@ def record(
             queue_seconds=event.queue_seconds,
             ttft_seconds=ttft,
         )
-        if status == 200 and route.role != SHADOW:
+        if status == 200 and route.role not in MIRRORED:
             service.metrics.latency.observe(now - arrived)
             if ttft is not None:
                 service.metrics.ttft.observe(ttft)

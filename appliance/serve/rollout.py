@@ -24,6 +24,8 @@ from appliance.serve.runtime import ModelRuntime
 from appliance.store.rollouts import Rollout
 
 STABLE, CANARY, SHADOW = "stable", "canary", "shadow"
+REPLAY = "replay"  # stable answering a mirrored copy itself: the shadow's noise floor
+MIRRORED = (SHADOW, REPLAY)  # copies no client waits for
 SESSION_HEADER = "x-appliance-session"
 
 
@@ -51,7 +53,8 @@ def judge(db: Database, rollout: Rollout, online: Online, until: float) -> dict[
             [since, until],
         )
     )
-    sides = {role: _side([r for r in rows if r["role"] == role]) for role in (STABLE, rollout.mode)}
+    roles = (STABLE, rollout.mode, REPLAY) if rollout.mode == SHADOW else (STABLE, CANARY)
+    sides = {role: _side([r for r in rows if r["role"] == role]) for role in roles}
     look: dict[str, Any] = {
         "window": {"since": rollout.step_started, "seconds": round(until - since, 1)},
         "step": rollout.step,
@@ -59,6 +62,9 @@ def judge(db: Database, rollout: Rollout, online: Online, until: float) -> dict[
         "sides": {role: side.summary() for role, side in sides.items()},
     }
     if rollout.mode == SHADOW:
+        shadow, floor = sides[SHADOW].summary()["agreement"], sides[REPLAY].summary()["agreement"]
+        look["noise_floor"] = floor  # stable's agreement with itself on the same prompts
+        look["divergence"] = floor - shadow if shadow is not None and floor is not None else None
         return {**look, "decision": "observing", "why": "a shadow is compared, not judged"}
     stable, canary = sides[STABLE], sides[CANARY]
     tests = _tests(stable, canary, online)

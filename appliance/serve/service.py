@@ -18,6 +18,7 @@ aborted one stops getting requests at once and is freed once its own finish.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -60,6 +61,7 @@ class Service:
         self._candidate: ModelRuntime | None = None  # a rollout's, loaded beside stable
         self._rollout: Rollout | None = None  # the running rollout, once its candidate loaded
         self.online = Online()  # the candidate's online checks, run on every response
+        self.mirrored = itertools.count()  # mirrored copies so far (every few replay on stable)
         self._held_because: str | None = None  # why the canary could not advance, once said
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -88,10 +90,12 @@ class Service:
             self._keys_read_at = now
         db = open_state_db(self.paths.state_db)
         try:
-            self.api_key_hashes = active_key_hashes(db)
+            hashes = active_key_hashes(db)
         finally:
             db.close()
-        return token_matches(token, self.api_key_hashes)
+        self.api_key_hashes = hashes
+        # judge by this read: the watcher may store an older one meanwhile
+        return token_matches(token, hashes)
 
     def runtime(self) -> ModelRuntime | None:
         return self._runtime

@@ -42,7 +42,11 @@ def window_stats(
 ) -> WindowStats:
     """Statistics over the last `window_seconds`, for one release or all of them."""
     now = time.time() if now is None else now
-    where, params = "time >= ?", [now - window_seconds]
+    # mirrored copies (a shadow's, stable's replays) answered no client: not the service's figures
+    where, params = (
+        "time >= ? AND (role IS NULL OR role IN ('stable', 'canary'))",
+        [now - window_seconds],
+    )
     if release is not None:
         where, params = where + " AND release = ?", [*params, release]
     rows = list(
