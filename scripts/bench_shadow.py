@@ -11,7 +11,7 @@ bracket drift). It prints stable's p50/p95 latency in each run, the ratio of the
 run's p95 to the mean of the other two (the target is <= 1.10), and how many copies the
 shadow answered and how many it dropped.
 
-    .venv/bin/python scripts/bench_shadow.py [--requests 8] [--think 2] [--model FILE.gguf]
+    .venv/bin/python scripts/bench_shadow.py [--requests 16] [--think 2] [--model FILE.gguf]
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def metric(base: str, pattern: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=8, help="requests per client per run")
+    parser.add_argument("--requests", type=int, default=16, help="requests per client per run")
     parser.add_argument("--model", type=Path, help="a GGUF instead of the embedded default")
     parser.add_argument(
         "--think", type=float, default=2.0, help="seconds each client waits between requests"
@@ -175,6 +175,7 @@ def main() -> None:
             r'role="shadow",status="200"\}',
         )
         dropped = metric(base, r"^appliance_shadow_dropped_total")
+        look = appliance(home, "rollout", "status")["rollout"]["last_check"] or {}
         appliance(home, "rollout", "abort", "--reason", "benchmark done")
         wait(lambda: "rollout" not in httpx.get(f"{base}/readyz", timeout=1).json())
         after = measure(base, "no shadow", args.requests, args.think)
@@ -185,7 +186,8 @@ def main() -> None:
     ratio = shadowed / ((before + after) / 2)
     print(
         f"\nstable p95 with a 100% shadow / without: {ratio:.2f}x (target <= 1.10); "
-        f"the shadow answered {answered:.0f} copies and dropped {dropped:.0f}"
+        f"the shadow answered {answered:.0f} copies and dropped {dropped:.0f}; the judge's "
+        f"last look: {look.get('verdict', '-')} ({look.get('why', '')})"
     )
 
 

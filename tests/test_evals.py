@@ -214,6 +214,8 @@ def build_and_install(cli, toml: Path, tmp_path: Path, version: str) -> str:
 def cli(run_cli, trusted_key):
     def run(*args):
         result = run_cli(*args, "--json")
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception  # a crash, not a reported error: show its traceback
         body = result.stdout.strip()
         return result.exit_code, json.loads(body[body.index("{") :]) if "{" in body else {}
 

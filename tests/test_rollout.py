@@ -271,7 +271,8 @@ def test_too_little_traffic_is_inconclusive_and_a_freeze_holds_the_canary(
     )
     assert status()["rollout"]["step"] == 0 and status()["rollout"]["state"] == "running"
     assert "of 1000 canary requests" in status()["rollout"]["last_check"]["why"]
-    assert cli("release", "freeze", "--reason", "incident")[0] == 0
+    code, result = cli("release", "freeze", "--reason", "incident")
+    assert code == 0, result
     code, _ = cli("rollout", "abort", "--reason", "retry with a lower bar")
     assert code == 0
     again = ("rollout", "start", candidate, "--canary", "--steps", "50,100")
@@ -305,12 +306,12 @@ def test_a_shadow_changes_nothing_clients_receive(cli, tmp_path, broken_model, s
 
     before = answers()
     candidate = gated_release(cli, tmp_path, broken_model, "1.1.0", 2)
-    assert (
-        cli("rollout", "start", candidate, "--shadow", "--percent", "100", "--interval", "1s")[0]
-        == 0
-    )
+    shadow = ("rollout", "start", candidate, "--shadow", "--percent", "100", "--interval", "1s")
+    assert cli(*shadow, "--min-requests", "6")[0] == 0
     assert wait_for(lambda: service.get("/readyz").json().get("rollout") is not None, 60)
     assert answers() == before  # stable answered, as before
+    for _ in range(3):  # enough pairs for McNemar's test to see the regression
+        answers()
     assert [m["id"] for m in service.get("/v1/models").json()["data"]] == ["demo@1.0.0"]
     assert wait_for(
         lambda: (
@@ -323,14 +324,25 @@ def test_a_shadow_changes_nothing_clients_receive(cli, tmp_path, broken_model, s
     def looked() -> dict:
         return status()["rollout"]["last_check"] or {}
 
-    assert wait_for(lambda: looked().get("noise_floor") is not None, 30), looked()
+    assert wait_for(lambda: looked().get("verdict") == "regresses", 60), looked()
     look = looked()
     assert look["decision"] == "observing"
     assert look["sides"]["shadow"]["check_pass_rate"] < 1.0
     assert look["sides"]["replay"]["n"] >= 1  # stable answered a copy itself: the noise floor
     assert look["divergence"] > 0  # the shadow agrees with stable less than stable does
-    stats = appliance("rollout", "status").stdout
-    assert "observing" in stats
+    paired = look["tests"]["paired_checks"]
+    assert paired["pairs"] >= 6 and paired["regression"] and "stable passed" in paired["detail"]
+    assert look["tests"]["divergence"]["regression"]  # beyond stable's own noise floor
+    assert "observing (regresses)" in appliance("rollout", "status").stdout
+    # The shadow's pairs feed a canary of the same release: it is aborted at its first look,
+    # before it needs any traffic of its own.
+    assert cli("rollout", "abort", "--reason", "shadow regressed")[0] == 0
+    canary = ("rollout", "start", candidate, "--canary", "--interval", "1s")
+    assert cli(*canary, "--min-requests", "1000")[0] == 0
+    aborted = wait_for_rollout("aborted", 60)["history"][-1]
+    evidence = aborted["details"]["evidence"]
+    assert evidence["tests"]["shadow_pairs"]["regression"] and evidence["sides"]["canary"]["n"] == 0
+    assert "on " in aborted["reason"] and "paired requests" in aborted["reason"]
 
 
 def test_a_service_killed_mid_canary_resumes_it_from_the_store(

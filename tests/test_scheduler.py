@@ -10,6 +10,7 @@ import pytest
 from appliance.serve.config import SamplingParams
 from appliance.serve.engine import BatchItem, Engine, EngineConfig
 from appliance.serve.scheduler import (
+    BACKGROUND_PREFILL_CHUNK,
     MIN_PREFILL_CHUNK,
     STALL_FACTOR,
     Generation,
@@ -205,3 +206,38 @@ def test_a_dead_decode_thread_fails_its_requests_and_refuses_new_ones(tiny_gguf)
     with pytest.raises(SchedulerDown):
         scheduler.submit(generation, lambda e: None)
     engine.close()
+
+
+def test_background_work_waits_while_a_client_request_runs(tiny_gguf):
+    """A shadow's mirrored copy (or stable's replay of one) is background work: it prefills
+    in small chunks and takes no step while a client's request is in the scheduler."""
+    engine = RecordingEngine(EngineConfig(tiny_gguf, slots=2, context_per_slot=512))
+    scheduler = Scheduler(engine, max_queue=8)
+    timeline: list[str] = []  # who got each event, in the scheduler thread's order
+    finished = threading.Event()
+
+    def generation(words: int, tokens: int, background: bool) -> Generation:
+        prompt = engine.tokenize(" ".join(["signed bundle"] * words))
+        sampling = SamplingParams(temperature=0)
+        return Generation(prompt, sampling, tokens, ignore_eos=True, background=background)
+
+    def on_background(event) -> None:
+        timeline.append("background")
+        if len(timeline) == 3:  # mid-generation, a client's request arrives
+            scheduler.submit(generation(5, 20, background=False), on_client)
+
+    def on_client(event) -> None:
+        timeline.append("client")
+        if event.finish_reason:
+            finished.set()
+
+    scheduler.submit(generation(10, 100, background=True), on_background)  # ~180 tokens
+    assert finished.wait(60)
+    scheduler.stop()
+    engine.close()
+
+    first, last = timeline.index("client"), len(timeline) - 1 - timeline[::-1].index("client")
+    assert "background" not in timeline[first:last]
+    assert timeline[last + 1 :].count("background") > 0  # it went on once the client was done
+    background_prefill = [sum(1 for slot, _ in step if slot == 0) for step in engine.steps]
+    assert max(background_prefill) == BACKGROUND_PREFILL_CHUNK

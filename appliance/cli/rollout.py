@@ -170,6 +170,7 @@ def _check_line(check: dict[str, Any]) -> str:
     noise = ""
     if check.get("divergence") is not None:
         noise = f"; noise floor {check['noise_floor']:.2f}, divergence {check['divergence']:+.2f}"
-    return f"{check.get('decision', '?')}: {check.get('why', '')}{noise}" + (
-        f" [{figures}]" if figures else ""
-    )
+    decision = check.get("decision", "?")
+    if check.get("verdict"):
+        decision += f" ({check['verdict']})"
+    return f"{decision}: {check.get('why', '')}{noise}" + (f" [{figures}]" if figures else "")

@@ -291,7 +291,9 @@ class ConsoleApp(App[None]):
             f"[b]{rollout['mode']}[/b] of {rollout['candidate']} vs {snap.active or '-'}: "
             f"{rollout['state']}, step {rollout['step'] + 1}/{len(rollout['steps'])} at "
             f"{rollout['percent']:g}%{keys}\n"
-            f"latest look: {look.get('decision', '-')}: {escape(look.get('why', ''))}"
+            f"latest look: {look.get('decision', '-')}"
+            + (f" ({look['verdict']})" if look.get("verdict") else "")
+            + f": {escape(look.get('why', ''))}"
             + _noise(look)
         )
         for role, side in look.get("sides", {}).items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,7 @@ class Online:
     error_margin: float = 0.02
     check_margin: float = 0.05
     latency_margin: float = 0.25
+    divergence_margin: float = 0.05  # a shadow: answers unlike stable's, beyond the noise floor
     alpha: float = 0.05
 
 
@@ -137,7 +138,11 @@ def _online(raw: dict[str, Any]) -> Online:
         if missing:
             raise ValueError(f"online check {check.name}: scorer {check.scorer} needs {missing}")
         checks.append(check)
-    return Online(checks=tuple(checks), **{k: float(v) for k, v in raw.items() if k != "checks"})
+    margins = {k: v for k, v in raw.items() if k != "checks"}
+    unknown = sorted(set(margins) - {f.name for f in fields(Online)})
+    if unknown:
+        raise ValueError(f"[online] has unknown settings: {', '.join(unknown)}")
+    return Online(checks=tuple(checks), **{k: float(v) for k, v in margins.items()})
 
 
 def _suite(eval_dir: Path, raw: dict[str, Any]) -> Suite:

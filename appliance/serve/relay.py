@@ -46,9 +46,11 @@ def mirror(
     targets = [(shadow, SHADOW)]
     if next(service.mirrored) % REPLAY_EVERY == 0:
         targets.append((stable, REPLAY))
+    stable_failed = sum(1 for check in service.online.checks if not check.passes(stable_text))
     for runtime, role in targets:
         arrived = time.time()
-        listener = _comparing(service, Route(runtime, role), kind, arrived, stable_text)
+        route = Route(runtime, role)
+        listener = _comparing(service, route, kind, arrived, stable_text, stable_failed)
         try:
             copy = runtime.generation(
                 prepare(runtime),
@@ -58,20 +60,29 @@ def mirror(
                 generation.ignore_eos,
                 deadline=time.monotonic() + service.options.request_timeout_seconds,
             )
-            runtime.scheduler.submit(copy, listener)
+            runtime.scheduler.submit(replace(copy, background=True), listener)
         except (ApiError, PromptTooLong, SchedulerDown, Unloading, QueueFull):
             service.metrics.shadow_dropped.inc()
 
 
 def _comparing(
-    service: Service, route: Route, kind: str, arrived: float, reference: str
+    service: Service,
+    route: Route,
+    kind: str,
+    arrived: float,
+    reference: str,
+    reference_failed: int,
 ) -> Callable[[Event], None]:
-    """A listener that records a mirrored answer with its similarity to `reference`."""
+    """A listener that records a mirrored answer with its similarity to `reference` (stable's
+    answer, which failed `reference_failed` online checks: the pair for McNemar's test)."""
     parts: list[str] = []
 
     def listener(event: Event) -> None:  # on that runtime's scheduler thread
         parts.append(event.text)
         if event.finish_reason is None:
+            return
+        if event.finish_reason in ("timeout", "cancelled"):  # clients kept it waiting
+            service.metrics.shadow_dropped.inc()
             return
         text = "".join(parts)
         status, error = status_for(event)
@@ -88,6 +99,7 @@ def _comparing(
             error,
             text=answered,
             agreement=similarity,
+            stable_checks_failed=reference_failed,
         )
 
     return listener
@@ -276,6 +288,7 @@ def record(
     error_class: str | None = None,
     text: str | None = None,
     agreement: float | None = None,
+    stable_checks_failed: int | None = None,
 ) -> None:
     """Count the request in /metrics and telemetry; run the online checks on its text."""
     now = time.time()
@@ -299,6 +312,7 @@ def record(
         checks_run=len(checks),
         checks_failed=failed,
         agreement=agreement,
+        stable_checks_failed=stable_checks_failed,
     )
     if event is not None:
         service.metrics.prompt_tokens.inc(event.prompt_tokens)

@@ -19,7 +19,12 @@ from typing import Any
 from sqlite_utils import Database
 
 from appliance.evals.spec import Online
-from appliance.evals.stats import percentile, percentile_interval, rate_regression_p
+from appliance.evals.stats import (
+    mcnemar_exact,
+    percentile,
+    percentile_interval,
+    rate_regression_p,
+)
 from appliance.serve.runtime import ModelRuntime
 from appliance.store.rollouts import Rollout
 
@@ -48,8 +53,7 @@ def judge(db: Database, rollout: Rollout, online: Online, until: float) -> dict[
     since = unix_time(rollout.step_started)
     rows = list(
         db.query(
-            "SELECT role, status, latency_seconds, checks_run, checks_failed, agreement "
-            "FROM requests WHERE time >= ? AND time <= ? AND role IS NOT NULL",
+            f"SELECT {_COLUMNS} FROM requests WHERE time >= ? AND time <= ? AND role IS NOT NULL",
             [since, until],
         )
     )
@@ -62,12 +66,12 @@ def judge(db: Database, rollout: Rollout, online: Online, until: float) -> dict[
         "sides": {role: side.summary() for role, side in sides.items()},
     }
     if rollout.mode == SHADOW:
-        shadow, floor = sides[SHADOW].summary()["agreement"], sides[REPLAY].summary()["agreement"]
-        look["noise_floor"] = floor  # stable's agreement with itself on the same prompts
-        look["divergence"] = floor - shadow if shadow is not None and floor is not None else None
-        return {**look, "decision": "observing", "why": "a shadow is compared, not judged"}
+        return _look_at_shadow(look, sides[SHADOW], sides[REPLAY], online, rollout.min_requests)
     stable, canary = sides[STABLE], sides[CANARY]
     tests = _tests(stable, canary, online)
+    shadowed = _side(_earlier_shadow_rows(db, rollout))
+    if shadowed.pairs:  # a shadow of this candidate answered beside stable before: its pairs
+        tests["shadow_pairs"] = _paired_test(shadowed, online)
     look["tests"] = tests
     regressions = [name for name, test in tests.items() if test["regression"]]
     if regressions:
@@ -79,6 +83,84 @@ def judge(db: Database, rollout: Rollout, online: Online, until: float) -> dict[
     return {**look, "decision": "proceed", "why": "no significant regression"}
 
 
+_COLUMNS = (
+    "role, status, latency_seconds, checks_run, checks_failed, agreement, stable_checks_failed"
+)
+
+
+def _look_at_shadow(
+    look: dict[str, Any], shadow: _Side, replay: _Side, online: Online, min_pairs: int
+) -> dict[str, Any]:
+    """A shadow serves no client, so it is observed, never aborted: its verdict says whether
+    it fails the online checks where stable passes (McNemar on the pairs) and whether its
+    answers differ from stable's more than stable's differ from themselves (the noise
+    floor: exact matches at temperature 0, Diffy's comparison)."""
+    shadow_agreement, floor = shadow.summary()["agreement"], replay.summary()["agreement"]
+    look["noise_floor"] = floor  # stable's agreement with itself on the same prompts
+    look["divergence"] = (
+        floor - shadow_agreement if shadow_agreement is not None and floor is not None else None
+    )
+    paired, diverging = _paired_test(shadow, online), _divergence_test(shadow, replay, online)
+    look["tests"] = {"paired_checks": paired, "divergence": diverging}
+    if shadow.pairs < min_pairs or not replay.pairs:
+        verdict = "inconclusive"
+        why = f"{shadow.pairs} of {min_pairs} pairs, {replay.pairs} replays of stable so far"
+    elif paired["regression"]:
+        verdict, why = "regresses", paired["detail"]
+    elif diverging["regression"]:
+        verdict, why = "diverges", diverging["detail"]
+    else:
+        verdict, why = "matches", "no significant regression or divergence"
+    return {**look, "decision": "observing", "verdict": verdict, "why": why}
+
+
+def _paired_test(candidate: _Side, online: Online) -> dict[str, Any]:
+    """McNemar's exact test on pairs (stable's answer, the candidate's to the same request):
+    a regression is significant at `alpha` and loses more than `check_margin` in pass rate,
+    as in the offline gate's comparison with its baseline."""
+    n, to_fail, to_pass = candidate.pairs, candidate.flipped_to_fail, candidate.flipped_to_pass
+    p_value = mcnemar_exact(to_fail, to_pass)
+    difference = (to_pass - to_fail) / n if n else 0.0
+    return {
+        "test": "McNemar exact (paired with stable's answer)",
+        "p": p_value,
+        "pairs": n,
+        "regression": p_value < online.alpha and difference < -online.check_margin,
+        "detail": f"on {n} paired requests the candidate failed checks stable passed "
+        f"{to_fail} times and passed checks stable failed {to_pass} times "
+        f"(p = {p_value:.3g}, margin {online.check_margin:g})",
+    }
+
+
+def _divergence_test(shadow: _Side, replay: _Side, online: Online) -> dict[str, Any]:
+    p_value = rate_regression_p(
+        shadow.pairs - shadow.exact,
+        shadow.pairs,
+        replay.pairs - replay.exact,
+        replay.pairs,
+        online.divergence_margin,
+    )
+    return {
+        "test": "two-proportion z (one-sided, margin) on answers unlike stable's",
+        "p": p_value,
+        "regression": p_value < online.alpha,
+        "detail": f"the shadow answered unlike stable {shadow.pairs - shadow.exact}/"
+        f"{shadow.pairs} times, stable unlike itself {replay.pairs - replay.exact}/"
+        f"{replay.pairs} (p = {p_value:.3g}, margin {online.divergence_margin:g})",
+    }
+
+
+def _earlier_shadow_rows(db: Database, rollout: Rollout) -> list[dict[str, Any]]:
+    """The pairs a shadow of this very release recorded (since it was installed)."""
+    return list(
+        db.query(
+            f"SELECT {_COLUMNS} FROM requests WHERE role = ? AND release = ? AND time >= "
+            "(SELECT CAST(strftime('%s', installed_at) AS REAL) FROM releases WHERE id = ?)",
+            [SHADOW, rollout.candidate, rollout.release_id],
+        )
+    )
+
+
 @dataclass
 class _Side:
     n: int  # finished requests (client errors and cancellations left out)
@@ -87,6 +169,10 @@ class _Side:
     checked: int
     check_failures: int
     agreements: list[float]
+    pairs: int = 0  # mirrored answers checked beside stable's answer to the same request
+    exact: int = 0  # ... that matched stable's answer exactly
+    flipped_to_fail: int = 0  # ... that failed a check where stable's answer passed
+    flipped_to_pass: int = 0  # ... that passed where stable's failed
 
     def summary(self) -> dict[str, Any]:
         p95 = percentile(self.latencies, 95)
@@ -106,6 +192,7 @@ def _side(rows: list[dict[str, Any]]) -> _Side:
     judged = [r for r in rows if r["status"] >= 500 or r["status"] == 200]
     ok = [r for r in judged if r["status"] == 200]
     checked = [r for r in ok if r["checks_run"]]
+    paired = [r for r in ok if r["stable_checks_failed"] is not None]
     return _Side(
         n=len(judged),
         errors=len(judged) - len(ok),
@@ -113,6 +200,14 @@ def _side(rows: list[dict[str, Any]]) -> _Side:
         checked=len(checked),
         check_failures=sum(1 for r in checked if r["checks_failed"]),
         agreements=[r["agreement"] for r in rows if r["agreement"] is not None],
+        pairs=len(paired),
+        exact=sum(1 for r in paired if r["agreement"] == 1.0),
+        flipped_to_fail=sum(
+            1 for r in paired if r["checks_failed"] and not r["stable_checks_failed"]
+        ),
+        flipped_to_pass=sum(
+            1 for r in paired if not r["checks_failed"] and r["stable_checks_failed"]
+        ),
     )
 
 

@@ -32,6 +32,10 @@ COPY_MIN_TOKENS = 32
 STALL_FACTOR = 4.0
 MIN_PREFILL_CHUNK = 64
 YIELD_SECONDS = 0.005  # how long a shadow waits before it looks at the primary again
+# Mirrored work (a shadow's copy, stable's replay of one) prefills in chunks this small, so
+# a client's request that arrives mid-step waits for tens of milliseconds, not a whole
+# prompt's prefill.
+BACKGROUND_PREFILL_CHUNK = 32
 
 
 class QueueFull(Exception):
@@ -54,6 +58,9 @@ class Generation:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     deadline: float = float("inf")  # time.monotonic() by which it must finish
+    # Mirrored work no client waits for: it steps only while no client's request is in
+    # this scheduler, in small prefill chunks.
+    background: bool = False
 
 
 @dataclass
@@ -325,9 +332,17 @@ class Scheduler:
             elif now > active.generation.deadline:
                 self._finish(active, "timeout")
 
+    def _runnable(self) -> list[_Active]:
+        """This step's requests: background ones wait while a client's request is here."""
+        actives = list(self._active.values())
+        if any(not a.generation.background for a in actives):
+            return [a for a in actives if not a.generation.background]
+        return actives
+
     def _step(self) -> None:
         planned: dict[int, list[BatchItem]] = {}  # slot -> its tokens in this step
-        for active in self._active.values():  # generating slots first: one token each
+        runnable = self._runnable()
+        for active in runnable:  # generating slots first: one token each
             if active.pending_token is not None:
                 item = BatchItem(active.pending_token, active.position - 1, active.slot, True)
                 planned[active.slot] = [item]
@@ -336,14 +351,13 @@ class Scheduler:
         budget = self._pacer.budget(generating)
         # then prompt prefill, in chunks, the shortest rest first: a short prompt starts
         # streaming at once instead of waiting behind a long one that is paced
-        waiting = sorted(
-            self._active.values(), key=lambda a: len(a.generation.prompt_tokens) - a.prefilled
-        )
+        waiting = sorted(runnable, key=lambda a: len(a.generation.prompt_tokens) - a.prefilled)
         for active in waiting:
             prompt = active.generation.prompt_tokens
             if active.pending_token is not None or active.prefilled >= len(prompt) or budget <= 0:
                 continue
-            chunk = prompt[active.prefilled : active.prefilled + budget]
+            size = BACKGROUND_PREFILL_CHUNK if active.generation.background else budget
+            chunk = prompt[active.prefilled : active.prefilled + min(size, budget)]
             planned[active.slot] = [
                 BatchItem(token, position, active.slot, position == len(prompt) - 1)
                 for position, token in enumerate(chunk, start=active.prefilled)

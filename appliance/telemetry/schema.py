@@ -39,4 +39,10 @@ def telemetry_migrations() -> Migrations:
         db["requests"].add_column("checks_failed", int)
         db["requests"].add_column("agreement", float)  # shadow: similarity to stable's answer
 
+    @migrations(name="0003_paired_checks")
+    def add_paired_checks(db: Database) -> None:
+        # A mirrored answer and stable's answer to the same request form a pair: with both
+        # outcomes on the online checks, McNemar's test compares the two releases.
+        db["requests"].add_column("stable_checks_failed", int)
+
     return migrations

@@ -34,6 +34,7 @@ class RequestRecord:
     checks_run: int = 0  # online checks run on the output (a rollout's candidate spec)
     checks_failed: int = 0
     agreement: float | None = None  # shadow: similarity of its answer to stable's (0..1)
+    stable_checks_failed: int | None = None  # shadow: online checks stable's answer failed
 
 
 class TelemetryWriter:
