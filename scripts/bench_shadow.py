@@ -8,8 +8,8 @@ each waiting --think seconds between its requests (a shadow runs only while stab
 idle, so a load that never lets stable idle leaves it nothing to do), three times: with
 no rollout, with the second release as a 100% shadow, and with no rollout again (the two
 bracket drift). It prints stable's p50/p95 latency in each run, the ratio of the shadow
-run's p95 to the mean of the other two (the target is <= 1.10), and how many copies the
-shadow answered and how many it dropped.
+run's p95 (and p50) to the mean of the other two (the target is <= 1.10), how many copies
+the shadow answered and dropped, and the judge's last verdict on the shadow.
 
     .venv/bin/python scripts/bench_shadow.py [--requests 16] [--think 2] [--model FILE.gguf]
 """
@@ -37,6 +37,7 @@ import bench_serve  # noqa: E402 - the workloads and the streaming client
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = 4
+UNLOAD_SECONDS = 15
 
 
 def appliance(home: Path, *args: object) -> dict:
@@ -100,7 +101,7 @@ def prepare(home: Path, work: Path, model: Path | None) -> None:
     appliance(home, "release", "activate", "demo@1.0.0")
 
 
-def measure(base: str, label: str, requests_each: int, think: float) -> float:
+def measure(base: str, label: str, requests_each: int, think: float) -> tuple[float, float]:
     """CLIENTS clients, each sending distinct prompts with `think` seconds between its
     requests (a shadow can only use the time stable is idle); stable's p50/p95 latency."""
     streams: list[bench_serve.Stream] = []
@@ -124,7 +125,7 @@ def measure(base: str, label: str, requests_each: int, think: float) -> float:
         f"TTFT p95 {m.ttft_p95:5.2f} s",
         flush=True,
     )
-    return m.p95
+    return m.p50, m.p95
 
 
 def metric(base: str, pattern: str) -> float:
@@ -178,14 +179,16 @@ def main() -> None:
         look = appliance(home, "rollout", "status")["rollout"]["last_check"] or {}
         appliance(home, "rollout", "abort", "--reason", "benchmark done")
         wait(lambda: "rollout" not in httpx.get(f"{base}/readyz", timeout=1).json())
+        time.sleep(UNLOAD_SECONDS)  # the candidate is unloaded in the background
         after = measure(base, "no shadow", args.requests, args.think)
     finally:
         server.terminate()
         server.wait(60)
         shutil.rmtree(work, ignore_errors=True)
-    ratio = shadowed / ((before + after) / 2)
+    p50, p95 = (shadowed[i] / ((before[i] + after[i]) / 2) for i in (0, 1))
     print(
-        f"\nstable p95 with a 100% shadow / without: {ratio:.2f}x (target <= 1.10); "
+        f"\nstable p95 with a 100% shadow / without: {p95:.2f}x (target <= 1.10), "
+        f"p50 {p50:.2f}x; "
         f"the shadow answered {answered:.0f} copies and dropped {dropped:.0f}; the judge's "
         f"last look: {look.get('verdict', '-')} ({look.get('why', '')})"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 
@@ -208,9 +209,10 @@ def test_a_dead_decode_thread_fails_its_requests_and_refuses_new_ones(tiny_gguf)
     engine.close()
 
 
-def test_background_work_waits_while_a_client_request_runs(tiny_gguf):
-    """A shadow's mirrored copy (or stable's replay of one) is background work: it prefills
-    in small chunks and takes no step while a client's request is in the scheduler."""
+def test_background_work_gives_way_to_a_client_request(tiny_gguf):
+    """Stable's replay of a mirrored copy is background work: it prefills in small chunks
+    and is cancelled when a client's request arrives, so it never shares a step with one
+    (left paused in its slot, it would break the slot order every later step relies on)."""
     engine = RecordingEngine(EngineConfig(tiny_gguf, slots=2, context_per_slot=512))
     scheduler = Scheduler(engine, max_queue=8)
     timeline: list[str] = []  # who got each event, in the scheduler thread's order
@@ -221,8 +223,12 @@ def test_background_work_waits_while_a_client_request_runs(tiny_gguf):
         sampling = SamplingParams(temperature=0)
         return Generation(prompt, sampling, tokens, ignore_eos=True, background=background)
 
+    finishes: list[str] = []
+
     def on_background(event) -> None:
         timeline.append("background")
+        if event.finish_reason:
+            finishes.append(event.finish_reason)
         if len(timeline) == 3:  # mid-generation, a client's request arrives
             scheduler.submit(generation(5, 20, background=False), on_client)
 
@@ -236,8 +242,51 @@ def test_background_work_waits_while_a_client_request_runs(tiny_gguf):
     scheduler.stop()
     engine.close()
 
-    first, last = timeline.index("client"), len(timeline) - 1 - timeline[::-1].index("client")
-    assert "background" not in timeline[first:last]
-    assert timeline[last + 1 :].count("background") > 0  # it went on once the client was done
+    assert finishes == ["cancelled"]
+    first = timeline.index("client")
+    assert "background" not in timeline[first + 1 :]
+    assert not [step for step in engine.steps if {0, 1} <= {slot for slot, _ in step}]
     background_prefill = [sum(1 for slot, _ in step if slot == 0) for step in engine.steps]
     assert max(background_prefill) == BACKGROUND_PREFILL_CHUNK
+
+
+class TimedEngine(Engine):
+    """The real engine; it also keeps when each decode step started and ended."""
+
+    def __init__(self, config: EngineConfig, spans: list[tuple[float, float]]) -> None:
+        super().__init__(config)
+        self.spans = spans
+
+    def decode(self, items: list[BatchItem]) -> None:
+        started = time.perf_counter()
+        super().decode(items)
+        self.spans.append((started, time.perf_counter()))
+
+
+def test_a_shadow_sharing_the_decode_lock_never_decodes_beside_its_primary(tiny_gguf):
+    """Two engines decoding at once on the same cores slow each other far beyond taking
+    turns; a shadow's scheduler shares the primary's decode lock, so their steps never
+    overlap in time."""
+    spans: dict[str, list[tuple[float, float]]] = {"primary": [], "shadow": []}
+    engines = {
+        role: TimedEngine(EngineConfig(tiny_gguf, slots=2, context_per_slot=256), spans[role])
+        for role in spans
+    }
+    primary = Scheduler(engines["primary"], max_queue=8)
+    shadow = Scheduler(engines["shadow"], max_queue=8)
+    shadow.decode_lock = primary.decode_lock
+    done = threading.Semaphore(0)
+    for scheduler in (primary, shadow, primary, shadow):
+        prompt = engines["primary"].tokenize("the signed bundle " * 8)
+        generation = Generation(prompt, SamplingParams(temperature=0), 60, ignore_eos=True)
+        scheduler.submit(generation, lambda e: e.finish_reason and done.release())
+    for _ in range(4):
+        assert done.acquire(timeout=60)
+    for scheduler in (primary, shadow):
+        scheduler.stop()
+    for engine in engines.values():
+        engine.close()
+
+    assert len(spans["primary"]) > 30 and len(spans["shadow"]) > 30
+    for start, end in spans["shadow"]:
+        assert not [s for s, e in spans["primary"] if s < end and start < e]

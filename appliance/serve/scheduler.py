@@ -32,9 +32,9 @@ COPY_MIN_TOKENS = 32
 STALL_FACTOR = 4.0
 MIN_PREFILL_CHUNK = 64
 YIELD_SECONDS = 0.005  # how long a shadow waits before it looks at the primary again
-# Mirrored work (a shadow's copy, stable's replay of one) prefills in chunks this small, so
-# a client's request that arrives mid-step waits for tens of milliseconds, not a whole
-# prompt's prefill.
+# A step of mirrored work only (a shadow's copies, stable's replay of one) prefills at most
+# this many tokens, so a client's request that arrives mid-step waits for tens of
+# milliseconds, not a whole prompt's prefill.
 BACKGROUND_PREFILL_CHUNK = 32
 
 
@@ -58,8 +58,8 @@ class Generation:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     deadline: float = float("inf")  # time.monotonic() by which it must finish
-    # Mirrored work no client waits for: it steps only while no client's request is in
-    # this scheduler, in small prefill chunks.
+    # Mirrored work no client waits for: it prefills in small chunks and is cancelled as
+    # soon as a client's request is admitted beside it.
     background: bool = False
 
 
@@ -188,6 +188,10 @@ class Scheduler:
         # A shadow's scheduler steps only while this says the primary is idle, so mirrored
         # work runs on CPU the primary is not using (set by the service, read each step).
         self.yields_to: Callable[[], bool] | None = None
+        # Held while llama.cpp decodes a step. A shadow shares the primary's, so the two
+        # never decode at once: two thread teams spinning at ggml's barriers on the same
+        # cores slow both steps far more than taking turns does.
+        self.decode_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -270,6 +274,10 @@ class Scheduler:
         self._queue.extendleft(reversed(deferred))
         self.stats.queued = len(self._queue)
         self.stats.busy_slots = len(self._active)
+        if any(not a.generation.background for a in self._active.values()):
+            for active in self._active.values():
+                if active.generation.background:  # gives way to a client's request at once:
+                    active.cancelled.set()  # pausing it would leave a gap in the slot order
 
     def _claim_slot(self, prompt: list[int]) -> tuple[int, int]:
         """The free slot sharing the longest prefix with `prompt`, and how much to keep.
@@ -332,32 +340,27 @@ class Scheduler:
             elif now > active.generation.deadline:
                 self._finish(active, "timeout")
 
-    def _runnable(self) -> list[_Active]:
-        """This step's requests: background ones wait while a client's request is here."""
-        actives = list(self._active.values())
-        if any(not a.generation.background for a in actives):
-            return [a for a in actives if not a.generation.background]
-        return actives
-
     def _step(self) -> None:
         planned: dict[int, list[BatchItem]] = {}  # slot -> its tokens in this step
-        runnable = self._runnable()
-        for active in runnable:  # generating slots first: one token each
+        for active in self._active.values():  # generating slots first: one token each
             if active.pending_token is not None:
                 item = BatchItem(active.pending_token, active.position - 1, active.slot, True)
                 planned[active.slot] = [item]
                 active.decoded.append(active.pending_token)
         generating = len(planned)
         budget = self._pacer.budget(generating)
+        if all(a.generation.background for a in self._active.values()):
+            budget = min(budget, BACKGROUND_PREFILL_CHUNK)  # a client may arrive and wait
         # then prompt prefill, in chunks, the shortest rest first: a short prompt starts
         # streaming at once instead of waiting behind a long one that is paced
-        waiting = sorted(runnable, key=lambda a: len(a.generation.prompt_tokens) - a.prefilled)
+        waiting = sorted(
+            self._active.values(), key=lambda a: len(a.generation.prompt_tokens) - a.prefilled
+        )
         for active in waiting:
             prompt = active.generation.prompt_tokens
             if active.pending_token is not None or active.prefilled >= len(prompt) or budget <= 0:
                 continue
-            size = BACKGROUND_PREFILL_CHUNK if active.generation.background else budget
-            chunk = prompt[active.prefilled : active.prefilled + min(size, budget)]
+            chunk = prompt[active.prefilled : active.prefilled + budget]
             planned[active.slot] = [
                 BatchItem(token, position, active.slot, position == len(prompt) - 1)
                 for position, token in enumerate(chunk, start=active.prefilled)
@@ -368,7 +371,8 @@ class Scheduler:
         items, samplers = self._in_slot_order(planned)
         started = time.perf_counter()
         try:
-            self.engine.decode(items)
+            with self.decode_lock:
+                self.engine.decode(items)
         except Exception as exc:  # a decode failure ends these requests, not the service
             for active in list(self._active.values()):
                 self._finish(active, "error", error=str(exc))

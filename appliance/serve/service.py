@@ -179,6 +179,7 @@ class Service:
         if candidate is not None and candidate.manifest_sha256 == active.manifest_sha256:
             self._candidate, self._rollout = None, None  # promoted: it is loaded already
             candidate.scheduler.yields_to = None  # a promoted shadow yields to no one
+            candidate.scheduler.decode_lock = threading.Lock()
             self._swap(candidate)
             return
         self._load_and_swap(active.ref, active.manifest_sha256, lambda: self._load(active))
@@ -213,6 +214,8 @@ class Service:
             return
         if rollout.mode == SHADOW:  # mirrored work runs only while stable is idle
             runtime.scheduler.yields_to = self._stable_busy
+            if self._runtime is not None:  # and takes turns with stable's decode steps
+                runtime.scheduler.decode_lock = self._runtime.scheduler.decode_lock
         self._candidate, self._rollout = runtime, rollout
         log.info("%s of %s at %g%%", rollout.mode, rollout.candidate, rollout.percent)
 
