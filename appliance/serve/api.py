@@ -200,8 +200,8 @@ async def _generate(
     relay = Relay(service, route, kind, arrived, streaming=body.stream)
     if route.mirror is not None:
         shadow = route.mirror
-        relay.on_answer = lambda text: asyncio.get_running_loop().run_in_executor(
-            None, mirror, service, shadow, runtime, prepare, generation, kind, text
+        relay.on_answer = lambda text, failed: asyncio.get_running_loop().run_in_executor(
+            None, mirror, service, shadow, runtime, prepare, generation, kind, text, failed
         )
     try:
         relay.ticket = runtime.scheduler.submit(generation, relay.listener)

@@ -35,6 +35,7 @@ def mirror(
     generation: Generation,
     kind: str,
     stable_text: str,
+    stable_failed: int,
 ) -> None:
     """Give the shadow a copy of a request stable has answered, only when neither has work
     waiting (stable never waits for it); record how the two answers compare. One copy in
@@ -46,7 +47,6 @@ def mirror(
     targets = [(shadow, SHADOW)]
     if next(service.mirrored) % REPLAY_EVERY == 0:
         targets.append((stable, REPLAY))
-    stable_failed = sum(1 for check in service.online.checks if not check.passes(stable_text))
     for runtime, role in targets:
         arrived = time.time()
         route = Route(runtime, role)
@@ -117,7 +117,8 @@ class Relay:
         self.service, self.route, self.kind, self.arrived = service, route, kind, arrived
         self.runtime = route.runtime
         self.streaming = streaming
-        self.on_answer: Callable[[str], object] | None = None  # a shadow's copy, once answered
+        # A shadow's copy, once answered: stable's text and how many online checks it failed.
+        self.on_answer: Callable[[str, int], object] | None = None
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.parts: list[str] = []  # whole responses: text gathered on the scheduler thread
@@ -238,7 +239,7 @@ class Relay:
         self, status: int, event: Event | None, error: str | None, text: str | None = None
     ) -> None:
         answered = text if status == 200 else None
-        record(
+        failed = record(
             self.service,
             self.route,
             self.kind,
@@ -250,7 +251,7 @@ class Relay:
             text=answered,
         )
         if answered is not None and self.on_answer is not None:
-            self.on_answer(answered)
+            self.on_answer(answered, failed)
 
 
 def status_for(event: Event) -> tuple[int, str | None]:
@@ -289,8 +290,9 @@ def record(
     text: str | None = None,
     agreement: float | None = None,
     stable_checks_failed: int | None = None,
-) -> None:
-    """Count the request in /metrics and telemetry; run the online checks on its text."""
+) -> int:
+    """Count the request in /metrics and telemetry; run the online checks on its text and
+    return how many it failed."""
     now = time.time()
     release = route.runtime.model_id
     endpoint = "chat" if kind == "chat.completion" else "completions"
@@ -330,3 +332,4 @@ def record(
             if ttft is not None:
                 service.metrics.ttft.observe(ttft)
     service.telemetry.record(record)
+    return failed
