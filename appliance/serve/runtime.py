@@ -3,6 +3,7 @@ release's serving config. The service keeps one current runtime and swaps it who
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,10 @@ class ModelRuntime:
         model_path: Path,
         serving: ServingConfig,
         options: ServiceOptions,
+        compute: concurrent.futures.Executor | None = None,
     ) -> ModelRuntime:
         """Probe the model in a child process (ModelLoadError if llama.cpp dies on it), then
-        load it here."""
+        load it here; its decode steps run on `compute` (see Scheduler)."""
         probe_model(model_path, serving.context_size, serving.threads, serving.gpu_layers)
         engine = Engine(
             EngineConfig(
@@ -44,7 +46,7 @@ class ModelRuntime:
                 gpu_layers=serving.gpu_layers,
             )
         )
-        scheduler = Scheduler(engine, options.max_queue)
+        scheduler = Scheduler(engine, options.max_queue, compute)
         template = serving.chat_template or engine.chat_template()
         return cls(
             model_id, manifest_sha256, serving, engine, scheduler, ChatFormatter(engine, template)

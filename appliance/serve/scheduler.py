@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -173,7 +174,9 @@ def _average(old: float | None, new: float) -> float:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(
+        self, engine: Engine, max_queue: int, compute: concurrent.futures.Executor | None = None
+    ) -> None:
         self.engine = engine
         self.slots = engine.config.slots
         self.max_queue = max_queue
@@ -188,10 +191,9 @@ class Scheduler:
         # A shadow's scheduler steps only while this says the primary is idle, so mirrored
         # work runs on CPU the primary is not using (set by the service, read each step).
         self.yields_to: Callable[[], bool] | None = None
-        # Held while llama.cpp decodes a step. A shadow shares the primary's, so the two
-        # never decode at once: two thread teams spinning at ggml's barriers on the same
-        # cores slow both steps far more than taking turns does.
-        self.decode_lock = threading.Lock()
+        # Where llama.cpp computes this scheduler's steps (None: on the scheduler thread).
+        # Every model of a service shares one compute thread; see the Service.
+        self.compute = compute
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -371,8 +373,10 @@ class Scheduler:
         items, samplers = self._in_slot_order(planned)
         started = time.perf_counter()
         try:
-            with self.decode_lock:
+            if self.compute is None:
                 self.engine.decode(items)
+            else:
+                self.compute.submit(self.engine.decode, items).result()
         except Exception as exc:  # a decode failure ends these requests, not the service
             for active in list(self._active.values()):
                 self._finish(active, "error", error=str(exc))
