@@ -32,6 +32,7 @@ from tinymodel import write_tiny_gguf
 
 from appliance.bundler.builder import build_bundle
 from appliance.bundler.spec import load_bundle_spec
+from appliance.trust.gguf_check import FIRST_TRY_BYTES
 from appliance.trust.manifest import FileEntry, Manifest, statement_bytes
 from appliance.trust.signature import parse_signature_file, sign_payload
 
@@ -286,6 +287,8 @@ MALFORMED_GGUFS = {
     "tensor_data_beyond_eof": (lambda d: d[: len(d) - 4096], "beyond the end"),
     "bad_alignment": (lambda d: _patched(d, _alignment_value_offset(d), "<I", 48), "alignment"),
     "truncated_header": (lambda d: d[:200], "truncated"),
+    "truncated_in_a_token_length": (lambda d: d[: d.index(b"<0x41>") - 3], "truncated"),
+    "truncated_in_a_token": (lambda d: d[: d.index(b"<0x41>") + 3], "truncated"),
 }
 
 
@@ -608,6 +611,20 @@ def test_gguf_vocabulary_with_a_token_twice(verify, members, tmp_path, trusted_k
     code, message = verify(signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key]))
     assert code == 15
     assert "token 'a' twice" in message
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_gguf_header_longer_than_the_first_try(verify, members, tmp_path, trusted_key, twice):
+    """The header check first parses the model's first FIRST_TRY_BYTES; a header that goes
+    on past them (a large vocabulary) is checked whole, a token twice near its end too."""
+    tokens = [f"{i:07d}" + "x" * 120 for i in range((FIRST_TRY_BYTES >> 7) + 1000)]
+    if twice:
+        tokens[-1] = tokens[-2]
+    model = gguf_with(tmp_path / "big-vocab.gguf", tokens=tuple(tokens))
+    assert len(model) > FIRST_TRY_BYTES + 64 * 1024
+    files = {**content(members), "model.gguf": model}
+    code, message = verify(signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key]))
+    assert (code, "twice" in message) == ((15, True) if twice else (0, False)), message
 
 
 @pytest.mark.parametrize(

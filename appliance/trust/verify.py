@@ -49,7 +49,13 @@ from appliance.trust.archive import (
     is_signature_name,
 )
 from appliance.trust.digest import CHUNK_BYTES, sha256_file
-from appliance.trust.gguf_check import MAX_HEADER_BYTES, GGUFSummary, check_gguf_header
+from appliance.trust.gguf_check import (
+    FIRST_TRY_BYTES,
+    MAX_HEADER_BYTES,
+    GGUFSummary,
+    check_gguf_chunks,
+    check_gguf_header,
+)
 from appliance.trust.manifest import Manifest, parse_statement
 from appliance.trust.signature import (
     MAX_SIGNATURE_FILE_BYTES,
@@ -246,7 +252,7 @@ class _StreamVerifier:
         if missing:
             raise IntegrityError(f"signed file missing from the bundle: {', '.join(missing)}")
         # 7. Our GGUF header check, on bytes whose hash already matched.
-        gguf = check_gguf_header(gguf_head, manifest.files[MODEL_FILE].size)
+        gguf = check_gguf_chunks(gguf_head, manifest.files[MODEL_FILE].size)
         return VerifiedBundle(manifest, signers, ignored, gguf, signature_files)
 
     def _members(self, tar: tarfile.TarFile):
@@ -288,12 +294,12 @@ class _StreamVerifier:
                 raise UnsafeArchiveError(f"more than {MAX_SIGNATURES} signature entries")
             if info.size > MAX_SIGNATURE_FILE_BYTES:
                 raise SignatureError(f"signature entry {info.name} is implausibly large")
-            signatures[info.name] = self._read_member(tar, info, keep=info.size)[1]
+            signatures[info.name] = b"".join(self._read_member(tar, info, keep=info.size)[1])
         raise SignatureError("bundle holds signatures but no content")
 
     def _hash_content(self, tar, members, first: tarfile.TarInfo, manifest: Manifest):
         hashed: set[str] = set()
-        gguf_head = b""
+        gguf_head: list[bytes] = []
         for kind, info in itertools.chain([("file", first)], members):
             if kind == "signature":
                 raise SignatureError(f"signature entry {info.name} after bundle content")
@@ -313,7 +319,7 @@ class _StreamVerifier:
             hashed.add(info.name)
         return hashed, gguf_head
 
-    def _read_member(self, tar, info: tarfile.TarInfo, keep: int) -> tuple[str, bytes]:
+    def _read_member(self, tar, info: tarfile.TarInfo, keep: int) -> tuple[str, list[bytes]]:
         """Stream one member through sha256 (and to extract_to); keep its first bytes.
 
         sha256 runs in a second thread, one chunk behind the reading (hashlib releases the
@@ -325,10 +331,13 @@ class _StreamVerifier:
         sink = self._open_sink(info.name)
         remaining = info.size
         hashing = None
+        # the GGUF header check's first try in one piece (joining 1 MiB chunks costs)
+        read_size = max(CHUNK_BYTES, min(keep, FIRST_TRY_BYTES))
         try:
             while remaining:
                 try:
-                    chunk = reader.read(min(CHUNK_BYTES, remaining))
+                    chunk = reader.read(min(read_size, remaining))
+                    read_size = CHUNK_BYTES
                 except (tarfile.TarError, EOFError, OSError) as exc:
                     raise IntegrityError(f"archive truncated inside {info.name}: {exc}") from exc
                 if not chunk:
@@ -356,7 +365,7 @@ class _StreamVerifier:
                 hashing.cancel() or hashing.exception()  # never leave it running
             if sink is not None:
                 sink.close()
-        return digest.hexdigest(), b"".join(kept)
+        return digest.hexdigest(), kept
 
     def _open_sink(self, name: str):
         if self.extract_to is None:
