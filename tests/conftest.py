@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -146,5 +147,15 @@ def run_cli() -> Callable[..., Result]:
 
     def run(*args: str, **kwargs: object) -> Result:
         return runner.invoke(cli, [str(a) for a in args], **kwargs)
+
+    return run
+
+
+def json_runner(run_cli: Callable[..., Result]) -> Callable[..., tuple[int, dict]]:
+    """Run a command with --json and return (exit code, parsed stdout)."""
+
+    def run(*args: object) -> tuple[int, dict]:
+        result = run_cli(*args, "--json")
+        return result.exit_code, json.loads(result.stdout) if result.stdout.strip() else {}
 
     return run

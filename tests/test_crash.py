@@ -110,6 +110,25 @@ def test_rollback_killed(one_active, appliance_home, point):
     assert_consistent("demo@1.0.0", appliance_home)
 
 
+@pytest.mark.parametrize("point", ["in_transaction", "after_commit"])
+def test_incident_start_killed(one_active, appliance_home, point):
+    """Rollback, freeze, fallback and the incident row land together or not at all."""
+    assert appliance("release", "install", one_active).returncode == 0
+    assert (
+        appliance("release", "activate", "demo@2.0.0", "--force", "--reason", "t").returncode == 0
+    )
+    command = ("route", "add", "big", "--url", "http://10.0.0.7:8000/v1", "--model", "m")
+    assert appliance(*command).returncode == 0
+    command = ("incident", "start", "--reason", "t", "--rollback")
+    assert appliance(*command, fault=f"routing.{point}").returncode == -signal.SIGKILL
+    committed = point == "after_commit"
+    assert_consistent("demo@1.0.0" if committed else "demo@2.0.0", appliance_home, False)
+    status = json.loads(appliance("route", "status", "--json").stdout)
+    assert (status["incident"] == "t", status["fallback"]) == (committed, committed)
+    frozen = json.loads(appliance("release", "list", "--json").stdout)["frozen"]
+    assert frozen is committed
+
+
 @pytest.fixture
 def second_public_key(tmp_path):
     made = appliance("keys", "generate", "--out", tmp_path / "k2", "--name", "second", "--json")

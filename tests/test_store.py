@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import json_runner
 
 from appliance.paths import appliance_paths
 from appliance.store.gate import host_id
@@ -21,13 +22,7 @@ def ok(result) -> dict:
 
 @pytest.fixture
 def cli(run_cli):
-    """Run a command with --json and return (exit code, parsed stdout)."""
-
-    def run(*args):
-        result = run_cli(*args, "--json")
-        return result.exit_code, json.loads(result.stdout) if result.stdout.strip() else {}
-
-    return run
+    return json_runner(run_cli)
 
 
 def states(cli) -> dict[str, str]:

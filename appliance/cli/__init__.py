@@ -36,6 +36,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "rollout",
         "Canary or shadow a candidate release beside the active one; promote or abort it.",
     ),
+    "route": (
+        "appliance.cli.routing",
+        "route",
+        "Register cold-path targets and route to them (all audited).",
+    ),
+    "incident": (
+        "appliance.cli.routing",
+        "incident",
+        "Incident mode: freeze releases, route to the fallback, optionally roll back.",
+    ),
     "eval": (
         "appliance.cli.evals",
         "eval_group",

@@ -183,6 +183,34 @@ def schema_migrations() -> Migrations:
         )
         db["rollouts"].create_index(["state"])
 
+    @migrations(name="0006_routing")
+    def create_routing(db: Database) -> None:
+        # Cold-path targets and the routing switches (appliance.store.routing).
+        db["route_targets"].create(
+            {
+                "name": str,
+                "url": str,
+                "model": str,
+                "key_file": str,
+                "cost_per_1k_tokens": float,
+                "position": int,
+                "registered": str,
+            },
+            pk="name",
+            not_null={"url", "model", "position"},
+        )
+        db["routing"].create(
+            {
+                "id": int,
+                "fallback": int,
+                "fallback_reason": str,
+                "incident": str,
+                "incident_started": str,
+            },
+            pk="id",
+        )
+        db["routing"].insert({"id": 1, "fallback": 0})
+
     return migrations
 
 

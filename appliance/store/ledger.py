@@ -23,6 +23,7 @@ from appliance.trust.truststore import TrustStore
 
 SNAPSHOT_ACTION = "audit snapshot"
 REPORT_FIELDS = ("manifest_sha256", "spec_hash", "host", "passed", "report_sha256")
+TARGET_FIELDS = ("url", "model", "key_file", "cost_per_1k_tokens", "position")
 
 
 @dataclass
@@ -37,6 +38,9 @@ class LedgerState:
     rollout: dict[str, Any] | None = None  # the running rollout: candidate, mode, step
     eval_reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> fingerprint
     api_keys: dict[str, bool] = field(default_factory=dict)  # key sha256 -> revoked
+    route_targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> endpoint
+    fallback: bool = False  # every request to the cold path
+    incident: bool = False
     trusted: list[str] = field(default_factory=list)  # key ids, unrevoked
     revoked: list[str] = field(default_factory=list)
     threshold: int = 1
@@ -80,6 +84,7 @@ def live_state(db: Database, trust: TrustStore) -> LedgerState:
         api_keys={
             r["sha256"]: r["revoked"] is not None for r in db.query("SELECT * FROM api_keys")
         },
+        **_routing(db),
         trusted=sorted(k.key_id for k in trust.keys.values() if k.revoked is None),
         revoked=sorted(k.key_id for k in trust.keys.values() if k.revoked is not None),
         threshold=trust.threshold,
@@ -164,6 +169,28 @@ def _apply(state: LedgerState, action: str, target: str, details: dict[str, Any]
         state.revoked = sorted({*state.revoked, target})
     elif action == "key threshold":
         state.threshold = int(target)
+    elif action == "route target add":
+        state.route_targets[target] = {k: details.get(k) for k in TARGET_FIELDS}
+    elif action == "route target remove":
+        state.route_targets.pop(target, None)
+    elif action in ("route fallback on", "route fallback off"):
+        state.fallback = action == "route fallback on"
+    elif action in ("incident start", "incident end"):
+        state.incident = action == "incident start"
+
+
+def _routing(db: Database) -> dict[str, Any]:
+    if not db["routing"].exists():  # migration 0004 snapshots the state before 0006 ran
+        return {}
+    row = next(db.query("SELECT * FROM routing WHERE id = 1"))
+    return {
+        "route_targets": {
+            r["name"]: {k: r[k] for k in TARGET_FIELDS}
+            for r in db.query("SELECT * FROM route_targets")
+        },
+        "fallback": bool(row["fallback"]),
+        "incident": row["incident"] is not None,
+    }
 
 
 def _running_rollout(db: Database) -> dict[str, Any] | None:

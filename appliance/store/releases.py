@@ -187,47 +187,58 @@ class ReleaseStore:
     def rollback(self, reason: str = "") -> tuple[Release, Release | None]:
         """Switch back to the previous good release (allowed while frozen)."""
         with self.admin() as db:
-            state = self.state(db)
-            target = self.release_by_id(db, state.previous_good_id)
-            if target is None:
-                raise StoreError("there is no previous good release to roll back to")
-            self._check_floor(db, target)
-            current = self.release_by_id(db, state.active_id)
-            rollout = running_rollout(db)
+            current = self.release_by_id(db, self.state(db).active_id)
             with db.atomic():
-                if rollout is not None:  # a rollback is an incident: no candidate stays on
-                    end(db, rollout, "aborted", f"rollback: {reason}".rstrip(": "), None)
-                self._set_state(db, active_id=target.id, previous_good_id=None)
-                audit.append(
-                    db,
-                    "rollback",
-                    target.ref,
-                    reason,
-                    {
-                        "from": current.ref if current else None,
-                        "manifest_sha256": target.manifest_sha256,
-                    },
-                )
+                target = self.rollback_in(db, reason)
                 fault_point("rollback.in_transaction")
             fault_point("rollback.after_commit")
             return target, current
+
+    def rollback_in(self, db: Database, reason: str) -> Release:
+        """Within the caller's transaction: roll back; return the release now active."""
+        state = self.state(db)
+        target = self.release_by_id(db, state.previous_good_id)
+        if target is None:
+            raise StoreError("there is no previous good release to roll back to")
+        self._check_floor(db, target)
+        current = self.release_by_id(db, state.active_id)
+        rollout = running_rollout(db)
+        if rollout is not None:  # a rollback is an incident: no candidate stays on
+            end(db, rollout, "aborted", f"rollback: {reason}".rstrip(": "), None)
+        self._set_state(db, active_id=target.id, previous_good_id=None)
+        audit.append(
+            db,
+            "rollback",
+            target.ref,
+            reason,
+            {"from": current.ref if current else None, "manifest_sha256": target.manifest_sha256},
+        )
+        return target
 
     def freeze(self, reason: str) -> None:
         if not reason.strip():
             raise UsageError("freezing needs a reason")
         with self.admin() as db, db.atomic():
-            stamp = now()
-            db["state"].update(
-                1, {"frozen": 1, "frozen_reason": reason, "frozen_at": stamp, "updated_at": stamp}
-            )
-            audit.append(db, "freeze", "releases", reason)
+            self.freeze_in(db, reason)
+
+    def freeze_in(self, db: Database, reason: str) -> None:
+        """Within the caller's transaction: freeze releases."""
+        stamp = now()
+        db["state"].update(
+            1, {"frozen": 1, "frozen_reason": reason, "frozen_at": stamp, "updated_at": stamp}
+        )
+        audit.append(db, "freeze", "releases", reason)
 
     def unfreeze(self, reason: str = "") -> None:
         with self.admin() as db, db.atomic():
-            db["state"].update(
-                1, {"frozen": 0, "frozen_reason": None, "frozen_at": None, "updated_at": now()}
-            )
-            audit.append(db, "unfreeze", "releases", reason)
+            self.unfreeze_in(db, reason)
+
+    def unfreeze_in(self, db: Database, reason: str) -> None:
+        """Within the caller's transaction: unfreeze releases."""
+        db["state"].update(
+            1, {"frozen": 0, "frozen_reason": None, "frozen_at": None, "updated_at": now()}
+        )
+        audit.append(db, "unfreeze", "releases", reason)
 
     def remove(self, ref: str, reason: str = "") -> Release:
         with self.admin() as db:
