@@ -1,0 +1,114 @@
+"""The cold-path client against a real OpenAI-compatible server that nobody here wrote:
+llama-cpp-python's own server, on loopback, serving another tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serving import free_port
+from tinymodel import write_tiny_gguf
+
+from appliance.serve.coldpath import CircuitBreaker, CircuitOpen, ColdPath, ColdPathError
+from appliance.store.routing import Target
+
+API_KEY = "sk-cold-test"
+CHAT = {"messages": [{"role": "user", "content": "the model"}], "max_tokens": 8, "temperature": 0}
+
+
+class LlamaCppServer:
+    def __init__(self, model: Path, port: int, log: Path) -> None:
+        self.model, self.port, self.log = model, port, log
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model),
+                   "--port", str(self.port), "--n_ctx", "256", "--n_threads", "1",
+                   "--api_key", API_KEY, "--model_alias", "tiny-cold"]  # fmt: skip
+        with open(self.log, "a") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-2000:]
+            try:
+                headers = {"Authorization": f"Bearer {API_KEY}"}
+                url = f"http://127.0.0.1:{self.port}/v1/models"
+                if httpx.get(url, headers=headers, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("llama_cpp.server did not start: " + self.log.read_text()[-2000:])
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def cold_server(tmp_path):
+    model = write_tiny_gguf(tmp_path / "cold.gguf", seed=1)
+    server = LlamaCppServer(model, free_port(), tmp_path / "cold.log")
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.kill()
+
+
+def target(port: int, key_file: Path | None) -> Target:
+    url = f"http://127.0.0.1:{port}/v1"
+    return Target("big", url, "tiny-cold", str(key_file) if key_file else None, 0.5, 1, "")
+
+
+def test_the_cold_path_answers_and_its_breaker_opens_and_closes(cold_server, tmp_path):
+    key_file = tmp_path / "cold.key"
+    key_file.write_text(API_KEY + "\n")
+    key_file.chmod(0o600)
+    keyless = ColdPath(target(cold_server.port, None), retries=0)
+    with pytest.raises(ColdPathError, match="HTTP 401"):
+        keyless.complete("chat", CHAT)
+
+    breaker = CircuitBreaker(failures_to_open=2, cooldown_seconds=1.0)
+    cold = ColdPath(target(cold_server.port, key_file), timeout_seconds=30, breaker=breaker)
+    answer = cold.complete("chat", CHAT)
+    assert answer["choices"][0]["message"]["content"] is not None
+    assert answer["usage"]["completion_tokens"] > 0
+    text = cold.complete("completion", {"prompt": "the model", "max_tokens": 4})
+    assert text["choices"][0]["text"] is not None
+
+    cold_server.kill()  # one call, two attempts (a retry): both fail, the breaker opens
+    with pytest.raises(ColdPathError, match="ConnectError"):
+        cold.complete("chat", CHAT)
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpen):  # no attempt while it cools down
+        cold.complete("chat", CHAT)
+
+    cold_server.start()
+    time.sleep(1.1)
+    assert breaker.state == "half_open"
+    assert cold.complete("chat", CHAT)["usage"]["completion_tokens"] > 0
+    assert breaker.state == "closed"
+    cold.close()
+    keyless.close()
+
+
+def test_a_failed_half_open_trial_opens_the_breaker_again():
+    now = [0.0]
+    breaker = CircuitBreaker(failures_to_open=2, cooldown_seconds=10, clock=lambda: now[0])
+    breaker.failed()
+    assert breaker.state == "closed" and breaker.allow()
+    breaker.failed()
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 10
+    assert breaker.allow()  # the one trial
+    assert not breaker.allow()  # and no second one beside it
+    breaker.failed()
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 20
+    assert breaker.allow()
+    breaker.succeeded()
+    assert breaker.state == "closed" and breaker.allow() and breaker.allow()
