@@ -3,6 +3,7 @@ llama-cpp-python's own server, on loopback, serving another tiny model."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving import free_port
+from serving import free_port, start_server, wait_for
 from tinymodel import write_tiny_gguf
 
 from appliance.serve.coldpath import CircuitBreaker, CircuitOpen, ColdPath, ColdPathError
+from appliance.serve.egress import Admitted
 from appliance.store.routing import Target
 
 API_KEY = "sk-cold-test"
@@ -112,3 +114,57 @@ def test_a_failed_half_open_trial_opens_the_breaker_again():
     assert breaker.allow()
     breaker.succeeded()
     assert breaker.state == "closed" and breaker.allow() and breaker.allow()
+
+
+def test_the_fallback_sends_requests_to_the_cold_path_and_the_hot_path_covers(
+    cold_server, tmp_path, tiny_gguf, appliance_home, run_cli
+):
+    key_file = tmp_path / "cold.key"
+    key_file.write_text(API_KEY)
+    key_file.chmod(0o600)
+    url = f"http://127.0.0.1:{cold_server.port}/v1"
+    added = run_cli("route", "add", "big", "--url", url, "--model", "tiny-cold",
+                    "--key-file", key_file)  # fmt: skip
+    assert added.exit_code == 0, added.output
+    server = start_server(appliance_home, "--model", str(tiny_gguf), "--insecure-no-auth")
+    try:
+
+        def ask(**extra) -> httpx.Response:
+            response = server.post("/v1/chat/completions", json={**CHAT, **extra})
+            assert response.status_code == 200, response.text
+            return response
+
+        assert ask().headers["x-appliance-route"] == "hot"
+        assert run_cli("route", "fallback", "on", "--reason", "test").exit_code == 0
+        assert wait_for(lambda: ask().headers["x-appliance-route"] == "cold:big")
+        answer = ask()
+        assert answer.headers["x-appliance-escalation"] == "fallback"
+        assert answer.json()["model"] == "tiny-cold"
+        streamed = ask(stream=True)
+        events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and streamed.headers["x-appliance-route"] == "cold:big"
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        assert text == answer.json()["choices"][0]["message"]["content"]
+
+        cold_server.kill()  # the hot path answers and says why
+        covered = ask()
+        assert covered.headers["x-appliance-route"] == "hot"
+        assert "ConnectError" in covered.headers["x-appliance-escalation-failed"]
+        ask()  # three failures in a row open the breaker: then no call goes out
+        assert "cooling down" in ask().headers["x-appliance-escalation-failed"]
+
+        assert run_cli("route", "fallback", "off").exit_code == 0
+        assert wait_for(lambda: "x-appliance-escalation-failed" not in ask().headers)
+    finally:
+        server.stop()
+
+
+def test_the_egress_guard_admits_only_registered_addresses():
+    admitted = Admitted()
+    assert not admitted.admits(("10.0.0.7", 8000))
+    admitted.set({("10.0.0.7", 8000), ("fd00::7", 9000)})
+    assert admitted.admits(("10.0.0.7", 8000)) and admitted.admits(("fd00:0::7", 9000, 0, 0))
+    assert not admitted.admits(("10.0.0.7", 8001)) and not admitted.admits(("10.0.0.8", 8000))
+    assert not admitted.admits(("llm.internal", 8000))  # a name is never resolved
+    admitted.set(set())
+    assert not admitted.admits(("10.0.0.7", 8000))

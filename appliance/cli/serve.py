@@ -11,7 +11,7 @@ import click
 from appliance.errors import HostError
 from appliance.paths import appliance_paths
 from appliance.serve.config import ServiceOptions
-from appliance.serve.egress import install_egress_guard
+from appliance.serve.egress import Admitted, install_egress_guard
 from appliance.trust.gguf_check import MAX_HEADER_BYTES, check_gguf_header
 
 DEFAULTS = ServiceOptions()
@@ -116,7 +116,8 @@ def serve(
     /healthz, /readyz, /metrics. Outbound network access is blocked in this process.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    install_egress_guard()
+    admitted = Admitted()  # the registered cold-path targets, set by the service
+    install_egress_guard(admitted)
     if model is not None:  # our header check runs before llama.cpp sees the file
         with open(model, "rb") as f:
             check_gguf_header(f.read(MAX_HEADER_BYTES), model.stat().st_size)
@@ -142,7 +143,7 @@ def serve(
         require_api_key=not insecure_no_auth,
         serve_openapi=openapi,
     )
-    service = Service(appliance_paths(), options, dev_model=model)
+    service = Service(appliance_paths(), options, dev_model=model, egress=admitted)
     service.start()
 
     def announce() -> None:  # once the server accepts connections, not before

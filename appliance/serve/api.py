@@ -14,6 +14,7 @@ loop (and with it /healthz).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from appliance import __version__
 from appliance.errors import ChatTemplateError, PromptTooLong
 from appliance.serve.api_errors import ApiError, install_error_handlers, send_error
+from appliance.serve.coldpath import ColdPathError
 from appliance.serve.config import MANIFEST_HEADER, SamplingParams
 from appliance.serve.relay import Relay, mirror, record
 from appliance.serve.rollout import SESSION_HEADER, SHADOW, Route
@@ -35,6 +37,12 @@ from appliance.serve.schemas import ChatRequest, CompletionRequest, GenerationPa
 from appliance.serve.service import Service
 
 RELEASE_HEADER, ROLE_HEADER = "x-appliance-release", "x-appliance-role"
+# Which path answered ("hot", or "cold:NAME"), why a request went to the cold path, and
+# why the hot path answered one that should have gone there.
+ROUTE_HEADER, ESCALATION_HEADER = "x-appliance-route", "x-appliance-escalation"
+ESCALATION_FAILED_HEADER = "x-appliance-escalation-failed"
+# What a cold path is asked: the OpenAI fields, not our llama.cpp extensions.
+NOT_FORWARDED = {"model", "stream", "stream_options", "ignore_eos", "top_k", "min_p"}
 
 
 # -- the app ---------------------------------------------------------------------------
@@ -157,15 +165,73 @@ async def _serve(
 ) -> Response:
     """Tokenize for the model that answers (in a worker thread: a huge prompt must not
     stall the event loop) and generate. A hot swap may retire that model meanwhile; then
-    the request starts over on the model that replaced it, whose tokens may differ."""
+    the request starts over on the model that replaced it, whose tokens may differ.
+
+    While the fallback is on (an admin's switch, or an incident), a registered cold path
+    answers instead; if none can, the hot path answers and says why in a header."""
+    escalation_failed = None
+    if service.routing.fallback and service.cold_paths():
+        reason = "incident" if service.routing.incident else "fallback"
+        escalated = await _escalate(service, body, kind, reason)
+        if isinstance(escalated, Response):
+            return escalated
+        escalation_failed = escalated
     for _attempt in range(3):
         chosen = route(request, body.model)
         tokens = await run_in_threadpool(prepare, chosen.runtime)
         try:
-            return await _generate(service, chosen, body, tokens, request, kind, prepare)
+            response = await _generate(service, chosen, body, tokens, request, kind, prepare)
         except Unloading:
             continue
+        response.headers[ROUTE_HEADER] = "hot"
+        if escalation_failed:
+            response.headers[ESCALATION_FAILED_HEADER] = escalation_failed[:200]
+        return response
     raise ApiError(503, "the model is being replaced; try again", "server_error", "not_ready")
+
+
+async def _escalate(
+    service: Service, body: GenerationParams, kind: str, reason: str
+) -> Response | str:
+    """The first cold path (in fallback order) that answers, as the response; or, when
+    none does, why (the breakers skip an unhealthy one at once)."""
+    asked = body.model_dump(exclude_none=True, exclude=NOT_FORWARDED)
+    failures = []
+    for cold in service.cold_paths():
+        try:
+            answer = await run_in_threadpool(
+                cold.complete, "chat" if kind == "chat.completion" else "completion", asked
+            )
+        except ColdPathError as exc:
+            failures.append(exc.message)
+            continue
+        headers = {ROUTE_HEADER: f"cold:{cold.target.name}", ESCALATION_HEADER: reason}
+        if body.stream:
+            events = _as_events(answer, kind)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return JSONResponse(answer, headers=headers)
+    return "; ".join(failures)
+
+
+async def _as_events(answer: dict[str, Any], kind: str):
+    """A whole cold-path answer as a stream: its text in one chunk, then the end."""
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+    for choice in answer.get("choices") or []:
+        if kind == "chat.completion":
+            text = (choice.get("message") or {}).get("content") or ""
+            parts = [{"delta": {"role": "assistant", "content": text}}, {"delta": {}}]
+        else:
+            parts = [{"text": choice.get("text") or ""}, {"text": ""}]
+        finish = choice.get("finish_reason") or "stop"
+        for part, reason in zip(parts, (None, finish), strict=True):
+            chosen = {**part, "index": 0, "finish_reason": reason}
+            event = {**_envelope(answer), "object": chunk_kind, "choices": [chosen]}
+            yield f"data: {json.dumps(event)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _envelope(answer: dict[str, Any]) -> dict[str, Any]:
+    return {k: answer[k] for k in ("id", "created", "model") if k in answer}
 
 
 async def _generate(

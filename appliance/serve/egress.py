@@ -87,6 +87,29 @@ def _address_argument(method: str, args: tuple) -> object:
     return args[0] if args else None
 
 
+class Admitted:
+    """The addresses beyond loopback that this process may reach: the registered cold-path
+    targets, as (IP, port), set by the service from the store. Empty by default."""
+
+    def __init__(self) -> None:
+        self._addresses: frozenset[tuple[str, int]] = frozenset()
+
+    def set(self, addresses: set[tuple[str, int]]) -> None:
+        self._addresses = frozenset(
+            (str(ipaddress.ip_address(host)), port) for host, port in addresses
+        )
+
+    def admits(self, address: object) -> bool:
+        if not isinstance(address, tuple) or len(address) < 2 or not self._addresses:
+            return False
+        host = _host_text(address[0])
+        try:
+            ip = str(ipaddress.ip_address((host or "").split("%", 1)[0]))
+        except ValueError:
+            return False  # a name: resolving it would itself be egress
+        return (ip, address[1]) in self._addresses
+
+
 def _guard_method(method: str, allowed: Callable[[object], bool]) -> None:
     """Wrap socket.socket.<method> so a disallowed address is refused before resolution."""
     original = getattr(socket.socket, method)
@@ -103,7 +126,7 @@ def _guard_method(method: str, allowed: Callable[[object], bool]) -> None:
     setattr(socket.socket, method, guarded)
 
 
-def _hook(event: str, args: tuple) -> None:
+def _hook(admitted: Admitted, event: str, args: tuple) -> None:
     if event in _REVERSE_LOOKUPS:
         _refuse(event, args[0] if args else None)
     if event in _LOOKUPS:  # a name lookup may query a DNS server: only local names pass
@@ -115,7 +138,7 @@ def _hook(event: str, args: tuple) -> None:
         return
     if getattr(args[0], "family", None) not in _INTERNET:
         return
-    if args[1] is not None and not is_loopback(args[1]):
+    if args[1] is not None and not is_loopback(args[1]) and not admitted.admits(args[1]):
         _refuse(event, args[1])
 
 
@@ -128,12 +151,14 @@ def _refused_getfqdn(name: str = "") -> NoReturn:
     _refuse("socket.getfqdn", name)
 
 
-def install_egress_guard() -> None:
-    """Install the guard in this process, once (a second call changes nothing)."""
+def install_egress_guard(admitted: Admitted | None = None) -> None:
+    """Install the guard in this process, once (a second call changes nothing). Loopback
+    and what `admitted` holds (nothing unless the service registers a cold path) pass."""
     if socket.getfqdn is _refused_getfqdn:
         return
+    admitted = admitted or Admitted()
     for method in ("connect", "connect_ex", "sendto", "sendmsg"):
-        _guard_method(method, is_loopback)
+        _guard_method(method, lambda address: is_loopback(address) or admitted.admits(address))
     _guard_method("bind", _needs_no_lookup)
     socket.getfqdn = _refused_getfqdn
-    sys.addaudithook(_hook)
+    sys.addaudithook(functools.partial(_hook, admitted))

@@ -31,7 +31,9 @@ from sqlite_utils import Database
 from appliance.errors import ApplianceError
 from appliance.evals.spec import Online, load_spec
 from appliance.paths import AppliancePaths
+from appliance.serve.coldpath import ColdPath
 from appliance.serve.config import ServiceOptions, ServingConfig
+from appliance.serve.egress import Admitted
 from appliance.serve.metrics import ServiceMetrics
 from appliance.serve.rollout import CANARY, SHADOW, STABLE, Route, bucket, judge, unix_time
 from appliance.serve.runtime import ModelRuntime
@@ -46,6 +48,7 @@ from appliance.store.rollouts import (
     record_check,
     running_rollout,
 )
+from appliance.store.routing import RoutingState, routing_state, targets
 from appliance.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger("appliance.serve")
@@ -54,9 +57,14 @@ KEY_RECHECK_SECONDS = 0.25
 
 class Service:
     def __init__(
-        self, paths: AppliancePaths, options: ServiceOptions, dev_model: Path | None = None
+        self,
+        paths: AppliancePaths,
+        options: ServiceOptions,
+        dev_model: Path | None = None,
+        egress: Admitted | None = None,
     ) -> None:
         self.paths, self.options, self.dev_model = paths, options, dev_model
+        self.egress = egress or Admitted()  # what the egress guard lets out: the cold paths
         self.store = ReleaseStore(paths)
         self._runtime: ModelRuntime | None = None
         self._candidate: ModelRuntime | None = None  # a rollout's, loaded beside stable
@@ -69,6 +77,8 @@ class Service:
         self._failed_manifest: str | None = None  # the active release that failed to load
         self.load_failure: str | None = None  # why it failed, for /readyz and the log
         self.api_key_hashes: tuple[str, ...] = ()
+        self.routing = RoutingState(False, None, None, None)  # the store's switches
+        self._cold: list[ColdPath] = []  # the registered cold-path targets, in order
         self._keys_read_at = 0.0  # time.monotonic() of the last read prompted by a key
         self.metrics = ServiceMetrics(self._queue_depth, self._busy_slots)
         self.telemetry = TelemetryWriter(
@@ -171,10 +181,25 @@ class Service:
 
     def _poll(self, db: Database) -> None:
         self.api_key_hashes = active_key_hashes(db)
+        self._follow_routing(db)
         if self.dev_model is not None:
             return
         self._follow_active(db)
         self._follow_rollout(db)
+
+    def cold_paths(self) -> list[ColdPath]:
+        """The registered cold-path targets, in fallback order (their breakers kept)."""
+        return self._cold
+
+    def _follow_routing(self, db: Database) -> None:
+        self.routing = routing_state(db)
+        registered = targets(db)
+        if registered != [cold.target for cold in self._cold]:
+            kept = {cold.target: cold for cold in self._cold}
+            timeout = self.options.request_timeout_seconds
+            self.egress.set({t.address for t in registered})
+            self._cold = [kept.get(t) or ColdPath(t, timeout) for t in registered]
+            log.info("cold-path targets: %s", [t.name for t in registered] or "none")
 
     def _follow_active(self, db: Database) -> None:
         active = self.store.release_by_id(db, self.store.state(db).active_id)
