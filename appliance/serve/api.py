@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI on uvicorn), plus health, readiness, metrics.
 
-Handlers are thin: validate (schemas.py), pick the runtime that answers (a rollout's
-route), prepare the generation the way every caller does (ModelRuntime.prompt_tokens and
+Handlers are thin: validate (schemas.py), send the request to a cold path while the
+fallback is on (coldpath.py), else pick the runtime that answers (a rollout's route),
+prepare the generation the way every caller does (ModelRuntime.prompt_tokens and
 .generation, shared with the eval runner), submit it to that runtime's scheduler, and relay
 its events (relay.py). Every error is OpenAI's error JSON (api_errors.py).
 

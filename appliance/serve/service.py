@@ -14,6 +14,10 @@ interval (appliance.serve.rollout.judge); the watcher then advances, promotes or
 through the store, so every decision is audited. A shadow gets copies of stable's requests
 when both have nothing queued. A promoted candidate becomes stable without a reload; an
 aborted one stops getting requests at once and is freed once its own finish.
+
+The watcher also follows the routing state (appliance.store.routing): the registered
+cold-path targets (each a ColdPath with its circuit breaker, and the only addresses the
+egress guard lets out) and the fallback switch that sends requests to them.
 """
 
 from __future__ import annotations
@@ -166,6 +170,8 @@ class Service:
             if runtime is not None:
                 runtime.close()
         self.compute.shutdown()
+        for cold in self._cold:
+            cold.close()
         self.telemetry.close()
 
     # -- watching the store ----------------------------------------------------------
