@@ -102,6 +102,14 @@ def emit_json(document: dict[str, Any]) -> None:
     click.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
+def report_done(as_json: bool, document: dict[str, Any], message: str) -> None:
+    """A state change went through: {"ok": true, ...document} with --json, else `message`."""
+    if as_json:
+        emit_json({"ok": True, **document})
+    else:
+        click.echo(message)
+
+
 @contextmanager
 def progress_bar(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None]]:
     """Yield an update(n_bytes) callback; draws a bar on stderr only for a terminal."""

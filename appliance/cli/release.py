@@ -13,6 +13,7 @@ from appliance.cli.common import (
     pass_store,
     progress_bar,
     reason_option,
+    report_done,
     required_reason_option,
 )
 from appliance.errors import StoreError
@@ -123,7 +124,7 @@ def show(store: ReleaseStore, ref: str, as_json: bool) -> None:
 def activate(store: ReleaseStore, ref: str, force: bool, reason: str, as_json: bool) -> None:
     """Make NAME@VERSION the active release; it must have passed its eval gate here."""
     r, changed = store.activate(ref, force=force, reason=reason)
-    _done(
+    report_done(
         as_json,
         {"active": r.ref, "changed": changed},
         f"{r.ref} is {'now' if changed else 'already'} the active release",
@@ -138,7 +139,7 @@ def rollback(store: ReleaseStore, reason: str, as_json: bool) -> None:
     """Switch back to the previous good release (allowed while frozen)."""
     target, previous = store.rollback(reason)
     from_ref = previous.ref if previous else None
-    _done(
+    report_done(
         as_json,
         {"active": target.ref, "rolled_back_from": from_ref},
         f"rolled back from {from_ref} to {target.ref}",
@@ -152,7 +153,7 @@ def rollback(store: ReleaseStore, reason: str, as_json: bool) -> None:
 def freeze(store: ReleaseStore, reason: str, as_json: bool) -> None:
     """Freeze releases: nothing activates until unfreeze (rollback still works)."""
     store.freeze(reason)
-    _done(as_json, {"frozen": True, "reason": reason}, f"releases frozen: {reason}")
+    report_done(as_json, {"frozen": True, "reason": reason}, f"releases frozen: {reason}")
 
 
 @release.command()
@@ -162,7 +163,7 @@ def freeze(store: ReleaseStore, reason: str, as_json: bool) -> None:
 def unfreeze(store: ReleaseStore, reason: str, as_json: bool) -> None:
     """Allow activations again."""
     store.unfreeze(reason)
-    _done(as_json, {"frozen": False}, "releases unfrozen")
+    report_done(as_json, {"frozen": False}, "releases unfrozen")
 
 
 @release.command()
@@ -173,7 +174,7 @@ def unfreeze(store: ReleaseStore, reason: str, as_json: bool) -> None:
 def remove(store: ReleaseStore, ref: str, reason: str, as_json: bool) -> None:
     """Remove an installed release (never the active or previous good one)."""
     r = store.remove(ref, reason)
-    _done(as_json, {"removed": r.ref}, f"removed {r.ref}")
+    report_done(as_json, {"removed": r.ref}, f"removed {r.ref}")
 
 
 @release.command()
@@ -190,7 +191,7 @@ def verify(store: ReleaseStore, ref: str | None, as_json: bool) -> None:
             ref = active.ref
         installed = store.release(db, ref)
     verified = store.verify_installed(installed)
-    _done(
+    report_done(
         as_json,
         {"verified": ref, "signers": list(verified.signers)},
         f"VERIFIED installed release {ref}: signatures and every file's sha256 match",
@@ -207,10 +208,3 @@ def _state_of(r: Release, state: StoreState) -> str:
 
 def _release_dict(r: Release) -> dict[str, Any]:
     return {**r.__dict__, "ref": r.ref}
-
-
-def _done(as_json: bool, document: dict[str, Any], message: str) -> None:
-    if as_json:
-        emit_json({"ok": True, **document})
-    else:
-        click.echo(message)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -12,6 +11,7 @@ from appliance.cli.common import (
     json_option,
     pass_store,
     reason_option,
+    report_done,
     required_reason_option,
 )
 from appliance.store import routing
@@ -55,7 +55,7 @@ def add(
     """Register NAME, a cold-path endpoint inside this network, after those registered
     before it (fallbacks are tried in that order)."""
     target = routing.add_target(store, name, url, model, key_file, cost_per_1k_tokens, reason)
-    _done(as_json, {"target": target.as_dict()}, f"registered {name}: {target.url} ({model})")
+    report_done(as_json, {"target": target.as_dict()}, f"registered {name}: {target.url} ({model})")
 
 
 @route.command("remove")
@@ -66,7 +66,7 @@ def add(
 def remove(store: ReleaseStore, name: str, reason: str, as_json: bool) -> None:
     """Unregister the cold-path target NAME."""
     routing.remove_target(store, name, reason)
-    _done(as_json, {"removed": name}, f"removed {name}")
+    report_done(as_json, {"removed": name}, f"removed {name}")
 
 
 @route.command("status")
@@ -98,7 +98,7 @@ def status(store: ReleaseStore, as_json: bool) -> None:
 def fallback(store: ReleaseStore, switch: str, reason: str, as_json: bool) -> None:
     """Send every request to the cold path (on), or route by the policy again (off)."""
     state = routing.set_fallback(store, switch == "on", reason)
-    _done(as_json, state.as_dict(), f"fallback {switch}")
+    report_done(as_json, state.as_dict(), f"fallback {switch}")
 
 
 @click.group()
@@ -119,7 +119,7 @@ def start(store: ReleaseStore, reason: str, rollback: bool, as_json: bool) -> No
     said += ["everything routed to the fallback"] if opened["fallback"] else ["no fallback"]
     if opened["rolled_back_to"]:
         said.append(f"rolled back to {opened['rolled_back_to']}")
-    _done(as_json, opened, f"incident open: {', '.join(said)}")
+    report_done(as_json, opened, f"incident open: {', '.join(said)}")
 
 
 @incident.command("end")
@@ -129,7 +129,7 @@ def start(store: ReleaseStore, reason: str, rollback: bool, as_json: bool) -> No
 def end(store: ReleaseStore, reason: str, as_json: bool) -> None:
     """Unfreeze releases and route by the policy again."""
     state = routing.end_incident(store, reason)
-    _done(as_json, state.as_dict(), "incident over: releases unfrozen, routing by policy")
+    report_done(as_json, state.as_dict(), "incident over: releases unfrozen, routing by policy")
 
 
 @incident.command("status")
@@ -145,10 +145,3 @@ def incident_status(store: ReleaseStore, as_json: bool) -> None:
         click.echo(f"incident open since {state.incident_started}: {state.incident}")
     else:
         click.echo("no incident open")
-
-
-def _done(as_json: bool, document: dict[str, Any], message: str) -> None:
-    if as_json:
-        emit_json({"ok": True, **document})
-    else:
-        click.echo(message)

@@ -42,11 +42,9 @@ class CircuitBreaker:
         cooldown_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.failures_to_open, self.cooldown_seconds, self.clock = (
-            failures_to_open,
-            cooldown_seconds,
-            clock,
-        )
+        self.failures_to_open = failures_to_open
+        self.cooldown_seconds = cooldown_seconds
+        self.clock = clock
         self._lock = threading.Lock()
         self._failures = 0
         self._opened_at: float | None = None

@@ -173,8 +173,9 @@ def start_incident(store: ReleaseStore, reason: str, rollback: bool = False) -> 
     if not reason.strip():
         raise UsageError("an incident needs a reason")
     with store.admin() as db:
-        if routing_state(db).incident is not None:
-            raise StoreError(f"an incident is open already ({routing_state(db).incident})")
+        already = routing_state(db).incident
+        if already is not None:
+            raise StoreError(f"an incident is open already ({already})")
         with db.atomic():
             rolled_back = store.rollback_in(db, f"incident: {reason}").ref if rollback else None
             store.freeze_in(db, f"incident: {reason}")
