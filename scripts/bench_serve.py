@@ -11,7 +11,8 @@ from /v1/completions, with plain-text prompts so all three servers see the same 
   multiturn  each client holds a chat: every request extends its previous turn
   longmix    ~1,500-token prompts mixed with short ones (do running streams keep going?)
 
-1, 8 and 16 clients (16 is more than the 8 slots). For each: completion tokens/s, p50 and
+1, 8 and 16 clients (16 is more than the 8 slots; one client makes 8x the requests, so
+that its few seconds are not noise). For each: completion tokens/s, p50 and
 p95 latency, p95 time to first token, the median gap between two tokens of a stream and
 the largest one, and our ratio to each peer. Then each server's resident memory and its
 KV cache (as llama.cpp reports it). `--soak SECONDS` instead runs 8 clients on distinct
@@ -49,6 +50,8 @@ CONTEXT_PER_SLOT = 2048
 MAX_TOKENS = 64
 WORKLOADS = ("distinct", "system", "multiturn", "longmix")
 CLIENTS = (1, 8, 16)
+ONE_CLIENT_FACTOR = 8
+CHAT_TURNS = 6  # turns of a multiturn chat before the client starts a new one
 BASE = (
     "The appliance runs in a regulated network with no internet access. Operators install "
     "signed bundles, security staff verify every signature, and administrators watch the "
@@ -150,8 +153,9 @@ def prompts_for(workload: str, client: int, counter: Iterator[int]) -> Iterator[
             topic = TOPICS[k % len(TOPICS)]
             yield f"{SYSTEM}User: What should I check about {topic} on day {k}?\nAssistant:"
     elif workload == "multiturn":
-        history = SYSTEM
-        while True:
+        for turn in itertools.count():
+            if turn % CHAT_TURNS == 0:  # a new chat: a long one would outgrow the context
+                history = SYSTEM
             k = next(counter)
             history += f"User: And what about {TOPICS[k % len(TOPICS)]} (question {k})?\n"
             answer = yield history + "Assistant:"
@@ -354,7 +358,9 @@ def measure_server(spec: ServerSpec, args, log_dir: Path) -> tuple[list[Measurem
         run_load(server.base, "distinct", 1, 1)  # warm-up
         for workload in args.workloads:
             for clients in args.clients:
-                each = args.requests * (2 if clients == 1 else 1)
+                # one client makes few tokens a second: more requests, so that its ratio
+                # is not a few seconds of noise (+-3% run to run with 4 requests)
+                each = args.requests * (ONE_CLIENT_FACTOR if clients == 1 else 1)
                 wall, streams = run_load(server.base, workload, clients, each)
                 m = summarise(spec.name, workload, clients, wall, streams)
                 results.append(m)
