@@ -4,6 +4,7 @@ llama-cpp-python's own server, on loopback, serving another tiny model."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 from serving import free_port, start_server, wait_for
 from tinymodel import write_tiny_gguf
 
+from appliance.paths import appliance_paths
 from appliance.serve.coldpath import CircuitBreaker, CircuitOpen, ColdPath, ColdPathError
 from appliance.serve.egress import Admitted
 from appliance.store.routing import Target
@@ -168,3 +170,83 @@ def test_the_egress_guard_admits_only_registered_addresses():
     assert not admitted.admits(("llm.internal", 8000))  # a name is never resolved
     admitted.set(set())
     assert not admitted.admits(("10.0.0.7", 8000))
+
+
+def test_the_policy_escalates_by_each_rule_and_telemetry_names_the_route(
+    cold_server, tmp_path, tiny_gguf, appliance_home, run_cli
+):
+    """Each rule of the routing policy (set by an admin over a development model's empty
+    signed policy) sends its request to the cold path, named in the headers, /metrics
+    and telemetry; a request no rule catches stays hot."""
+    key_file = tmp_path / "cold.key"
+    key_file.write_text(API_KEY)
+    key_file.chmod(0o600)
+    url = f"http://127.0.0.1:{cold_server.port}/v1"
+    assert run_cli("route", "add", "big", "--url", url, "--model", "tiny-cold", "--key-file",
+                   key_file, "--cost-per-1k-tokens", "0.5").exit_code == 0  # fmt: skip
+
+    def policy(key: str, value: str) -> None:
+        result = run_cli("route", "policy", "set", key, value, "--reason", "test")
+        assert result.exit_code == 0, result.output
+
+    server = start_server(appliance_home, "--model", str(tiny_gguf), "--insecure-no-auth")
+    try:
+
+        def ask(content: str = "the model", headers: dict | None = None, **extra):
+            body = {**CHAT, "messages": [{"role": "user", "content": content}], **extra}
+            response = server.post("/v1/chat/completions", json=body, headers=headers or {})
+            assert response.status_code == 200, response.text
+            return response.headers.get("x-appliance-route"), response.headers.get(
+                "x-appliance-escalation"
+            )
+
+        assert ask() == ("hot", None)
+        assert ask(headers={"x-appliance-escalate": "true"}) == ("hot", None)  # not allowed
+        policy("client_may_escalate", "true")
+        assert wait_for(lambda: ask(headers={"x-appliance-escalate": "true"})[0] == "cold:big")
+        policy("categories", '{"legal": "(?i)contract"}')
+        assert wait_for(lambda: ask("Check this CONTRACT") == ("cold:big", "category:legal"))
+        policy("max_prompt_tokens", "3")
+        assert wait_for(lambda: ask("a prompt of more than three tokens")[1] == "prompt_tokens")
+        policy("max_prompt_tokens", "0")
+        # after generation: whole answers only (a streamed one has reached its client)
+        json_format = {"response_format": {"type": "json_object"}}
+        assert wait_for(lambda: ask(**json_format) == ("cold:big", "invalid_json"))
+        assert ask(stream=True, **json_format) == ("hot", None)
+        policy("validate_json", "false")
+        assert wait_for(lambda: ask(**json_format) == ("hot", None))
+        policy("min_mean_logprob", "-0.0001")  # the tiny model is never that sure
+        assert wait_for(lambda: ask() == ("cold:big", "low_confidence"))
+        policy("min_mean_logprob", "-1000")
+        assert wait_for(lambda: ask() == ("hot", None))
+        policy("refusal_patterns", '["^"]')  # every answer "refuses"
+        assert wait_for(lambda: ask() == ("cold:big", "refusal"))
+
+        cold_server.kill()  # the release answers, and says what it stood in for
+        response = server.post("/v1/chat/completions", json=CHAT)
+        assert response.status_code == 200
+        assert response.headers["x-appliance-route"] == "hot"
+        assert response.headers["x-appliance-escalation"] == "refusal"
+        assert "ConnectError" in response.headers["x-appliance-escalation-failed"]
+
+        metrics = server.get("/metrics").text
+        assert (
+            'appliance_route_requests_total{escalation="category:legal",route="cold:big",status="200"}'
+            in metrics
+        )
+        assert (
+            'appliance_route_requests_total{escalation="refusal",route="hot",status="200"}'
+            in metrics
+        )
+        db = sqlite3.connect(appliance_paths().state_db)
+
+        def rows() -> set:
+            return set(db.execute(
+                "SELECT route, escalation, cold_tokens > 0 FROM requests WHERE role = 'stable'"
+            ))  # fmt: skip
+
+        assert wait_for(lambda: ("hot", "refusal", 0) in rows())
+        assert {("hot", None, 0), ("cold:big", "client", 1), ("cold:big", "low_confidence", 1),
+                ("cold:big", "invalid_json", 1)} <= rows()  # fmt: skip
+    finally:
+        server.stop()

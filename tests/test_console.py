@@ -4,6 +4,7 @@ snapshot tests of every screen with fixed data (pytest-textual-snapshot)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from serving import wait_for
 from test_hotswap import serving, two_releases  # noqa: F401 - the fixture is used by name
@@ -14,7 +15,8 @@ from appliance.console.app import ConfirmAction, ConsoleApp
 from appliance.console.state import ConsoleActions, ServiceStatus, Snapshot, load_snapshot
 from appliance.paths import appliance_paths
 from appliance.store.releases import ReleaseStore
-from appliance.telemetry.queries import WindowStats
+from appliance.store.routing import RoutingState, Target
+from appliance.telemetry.queries import RouteStats, WindowStats
 
 
 def active_ref() -> str | None:
@@ -97,6 +99,40 @@ def test_freeze_then_activation_is_refused_with_the_reason_shown(two_releases): 
     asyncio.run(drive())
     assert active_ref() == first
     assert appliance(server.home, "release", "list")["frozen"] is True
+
+
+def test_the_fallback_and_an_incident_from_the_console(run_cli):
+    """One key each: b turns the fallback on (with a reason), i opens an incident (frozen,
+    shown on the dashboard) and ends it; all through the store, audited."""
+    url = "http://10.0.0.7:8000/v1"
+    assert run_cli("route", "add", "big", "--url", url, "--model", "m").exit_code == 0
+    paths = appliance_paths()
+
+    async def drive() -> None:
+        app = ConsoleApp(lambda: load_snapshot(paths, None), ConsoleActions(paths), 0.5)
+        async with app.run_test(size=(80, 24)) as pilot:
+            assert await until(pilot, lambda: app.snapshot is not None)
+            await pilot.press("b")
+            await confirm_with(pilot, "release weak on contracts")
+            assert await until(pilot, lambda: app.snapshot.routing.fallback)
+            await pilot.press("i")
+            await confirm_with(pilot, "INC-7")
+            assert await until(pilot, lambda: app.snapshot.routing.incident == "INC-7")
+            assert app.snapshot.frozen
+            await pilot.press("d")
+            summary = str(app.query_one("#summary").render())
+            assert "INCIDENT" in summary and "INC-7" in summary
+            await pilot.press("i")  # ends it
+            await confirm_with(pilot, "INC-7 resolved")
+            assert await until(pilot, lambda: app.snapshot.routing.incident is None)
+            assert not app.snapshot.frozen and not app.snapshot.routing.fallback
+
+    asyncio.run(drive())
+    rows = json.loads(run_cli("audit", "list", "--json").stdout)["rows"]
+    assert [r["action"] for r in reversed(rows)][-7:] == [
+        "route fallback on", "freeze", "route fallback on", "incident start",
+        "unfreeze", "route fallback off", "incident end",
+    ]  # fmt: skip
 
 
 # -- snapshots with fixed data ------------------------------------------------------------
@@ -234,6 +270,17 @@ def fixed_snapshot() -> Snapshot:
             {"time": "2026-11-30T04:20:00.000000Z", "action": "rollout start", "reason": "r7"},
             {"time": "2026-11-30T04:21:00.000000Z", "action": "rollout advance", "reason": ""},
         ),
+        routing=RoutingState(
+            True, "incident: incident 7", "incident 7", "2026-11-30T04:22:00Z", {}
+        ),
+        targets=(
+            Target("big", "http://10.0.0.7:8000/v1", "llama-70b", None, 0.5, 1, ""),
+            Target("vllm", "http://10.0.0.8:8000/v1", "qwen-32b", None, 0.2, 2, ""),
+        ),
+        routes=(
+            RouteStats("cold:big", 96, 0, 4.1, {"category:legal": 12, "incident": 84}, 41200),
+            RouteStats("hot", 24, 2, 2.9, {"incident": 3}, 0),
+        ),
     )
 
 
@@ -270,3 +317,7 @@ def test_snapshot_keys(snap_compare):
 
 def test_snapshot_rollout(snap_compare):
     assert snap_compare(fixed_app(), press=["o", "_"], run_before=loaded)
+
+
+def test_snapshot_routing(snap_compare):
+    assert snap_compare(fixed_app(), press=["t", "_"], run_before=loaded)

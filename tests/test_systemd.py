@@ -65,3 +65,30 @@ def test_socket_listens_on_loopback_only_and_service_has_no_network():
     assert service["Service"]["Type"] == "notify"
     assert service["Unit"]["Requires"] == "appliance.socket"
     assert "--require-socket-activation" in service["Service"]["ExecStart"]
+
+
+def test_the_cold_path_dropin_admits_exactly_the_registered_addresses(units, run_cli):
+    """`route units` writes the drop-in that takes the service out of its private network
+    namespace with an IP filter admitting the loopback and the registered targets only;
+    systemd reads it beside the unit without a complaint."""
+    dropins = units / "appliance.service.d"
+    result = run_cli("route", "units", "--out", dropins)
+    assert (
+        result.exit_code == 0
+        and "keeps PrivateNetwork=yes" in (dropins / "cold-paths.conf").read_text()
+    )
+    for name, url in (("big", "http://10.0.0.7:8000/v1"), ("vllm", "http://[fd00::7]:9000")):
+        assert run_cli("route", "add", name, "--url", url, "--model", "m").exit_code == 0
+    assert run_cli("route", "units", "--out", dropins).exit_code == 0
+    dropin = settings(dropins / "cold-paths.conf")["Service"]
+    assert dropin["PrivateNetwork"] == "no" and dropin["IPAddressDeny"] == "any"
+    # the unit's "localhost" is reset first (127.0.0.53 would reach a resolver)
+    text = (dropins / "cold-paths.conf").read_text()
+    allowed = re.findall(r"^IPAddressAllow=(.*)$", text, re.M)
+    assert allowed == ["", "127.0.0.1 ::1 10.0.0.7 fd00::7"]
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(units / "appliance.service")],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr

@@ -133,6 +133,7 @@ def _model_card(spec: BundleSpec, source_sha256: str, quant_type: str) -> bytes:
 def _serving_json(spec: BundleSpec) -> bytes:
     serving = dict(spec.serving)
     serving["chat_template"] = spec.chat_template.read_text() if spec.chat_template else None
+    serving["routing"] = spec.routing
     return json.dumps(serving, indent=2, sort_keys=True).encode() + b"\n"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import UsageError
+from appliance.serve.policy import RoutingPolicy
 from appliance.trust.manifest import MAX_SEQUENCE, NAME_PATTERN, VERSION_PATTERN
 
 EMBEDDED_MODELS = ("gemma3-270m-q4_k_m",)
@@ -39,6 +40,7 @@ class BundleSpec:
     golden_sets: tuple[Path, ...]
     serving: dict[str, Any] = field(default_factory=dict)
     chat_template: Path | None = None
+    routing: dict[str, Any] = field(default_factory=dict)  # the routing policy, as written
 
 
 def load_bundle_spec(path: Path) -> BundleSpec:
@@ -103,6 +105,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
         golden_sets=golden,
         serving=_merge(_SERVING_DEFAULTS, serving_raw),
         chat_template=_existing(base, template) if template else None,
+        routing=RoutingPolicy.from_dict(raw.get("routing", {}), f"{path}: [routing]").as_dict(),
     )
 
 

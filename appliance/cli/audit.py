@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
 
 import click
 
@@ -60,3 +66,35 @@ def verify_log(store: ReleaseStore, as_json: bool) -> None:
             f"audit chain intact: {status.rows} rows, head {status.head}; "
             "the live state matches the log"
         )
+
+
+@audit.command(name="export")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the copies (created; files are readable by their owner only).",
+)
+@json_option
+@pass_store
+def export(store: ReleaseStore, out: Path, as_json: bool) -> None:
+    """Copy the state database (a consistent snapshot by SQLite's online backup, while the
+    service keeps writing) and the trust store into OUT, with the chain's head: evidence to
+    keep before anything is repaired."""
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    database, trust = out / f"state-{stamp}.db", out / f"trust-{stamp}.json"
+    os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    with store.reading() as db, closing(sqlite3.connect(database)) as copy:
+        db.conn.backup(copy)
+        status = audit_log.verify_chain(db)
+    os.close(os.open(trust, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    if store.paths.trust_store.exists():
+        shutil.copyfile(store.paths.trust_store, trust)
+    found = {"database": str(database), "trust_store": str(trust), "rows": status.rows,
+             "head": status.head, "chain_ok": status.ok}  # fmt: skip
+    if as_json:
+        emit_json(found)
+        return
+    chain = "intact" if status.ok else f"broken at row {status.first_bad_id}"
+    click.echo(f"exported {database} and {trust}: {status.rows} audit rows, chain {chain}")

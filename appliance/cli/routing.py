@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -10,10 +12,14 @@ from appliance.cli.common import (
     emit_json,
     json_option,
     pass_store,
+    progress_bar,
     reason_option,
     report_done,
     required_reason_option,
 )
+from appliance.errors import UsageError
+from appliance.serve.config import ServingConfig
+from appliance.serve.policy import RoutingPolicy
 from appliance.store import routing
 from appliance.store.releases import ReleaseStore
 
@@ -99,6 +105,162 @@ def fallback(store: ReleaseStore, switch: str, reason: str, as_json: bool) -> No
     """Send every request to the cold path (on), or route by the policy again (off)."""
     state = routing.set_fallback(store, switch == "on", reason)
     report_done(as_json, state.as_dict(), f"fallback {switch}")
+
+
+@route.command("units")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the drop-in into this directory (/etc/systemd/system/appliance.service.d).",
+)
+@json_option
+@pass_store
+def units(store: ReleaseStore, out: Path | None, as_json: bool) -> None:
+    """The systemd drop-in that lets the service reach exactly the registered cold-path
+    targets (the kernel's IP filter); printed, or written with --out."""
+    with store.reading() as db:
+        text = routing.systemd_dropin(routing.targets(db))
+    written = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        written = out / routing.DROPIN_NAME
+        written.write_text(text)
+    if as_json:
+        emit_json({"dropin": text, "written": str(written) if written else None})
+    elif written:
+        click.echo(f"wrote {written}; now: systemctl daemon-reload && systemctl restart appliance")
+    else:
+        click.echo(text, nl=False)
+
+
+@route.group("policy", invoke_without_command=True)
+@json_option
+@click.pass_context
+def policy(ctx: click.Context, as_json: bool) -> None:
+    """The routing policy: the active release's signed one and an admin's overrides.
+
+    Without a subcommand: show each key, its value and where it comes from."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(policy_show, as_json=as_json)
+
+
+@policy.command("show")
+@json_option
+@pass_store
+def policy_show(store: ReleaseStore, as_json: bool) -> None:
+    """Each key of the policy in force, and whether the release or an admin set it."""
+    signed, overrides, release = _policies(store)
+    effective = signed.with_overrides(overrides).as_dict()
+    if as_json:
+        emit_json(
+            {
+                "release": release,
+                "signed": signed.as_dict(),
+                "overrides": overrides,
+                "effective": effective,
+            }  # fmt: skip
+        )
+        return
+    click.echo(f"routing policy of {release or 'no active release (defaults)'}:")
+    for key, value in effective.items():
+        source = "override" if key in overrides else "signed"
+        click.echo(f"  {key:<20} {json.dumps(value):<40} ({source})")
+
+
+# a negative VALUE (-1.5) is a value, not an option
+@policy.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("key")
+@click.argument("value")
+@required_reason_option
+@json_option
+@pass_store
+def policy_set(store: ReleaseStore, key: str, value: str, reason: str, as_json: bool) -> None:
+    """Override KEY of the signed policy with VALUE (JSON: -1.5, true, '["(?i)cannot"]')."""
+    overrides = routing.set_policy(store, key, value, reason)
+    report_done(
+        as_json, {"overrides": overrides}, f"{key} overridden: {json.dumps(overrides[key])}"
+    )
+
+
+@policy.command("unset")
+@click.argument("key")
+@required_reason_option
+@json_option
+@pass_store
+def policy_unset(store: ReleaseStore, key: str, reason: str, as_json: bool) -> None:
+    """Drop the override of KEY: the release's signed value holds again."""
+    overrides = routing.unset_policy(store, key, reason)
+    report_done(as_json, {"overrides": overrides}, f"{key}: the signed value holds again")
+
+
+@route.command("calibrate")
+@click.argument("ref", metavar="NAME@VERSION", required=False)
+@click.option(
+    "--rate",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="The share of requests to escalate for low confidence.",
+)
+@click.option("--apply", is_flag=True, help="Set min_mean_logprob to the threshold (audited).")
+@reason_option
+@json_option
+@pass_store
+def calibrate(
+    store: ReleaseStore, ref: str | None, rate: float, apply: bool, reason: str, as_json: bool
+) -> None:
+    """Derive the confidence threshold (min_mean_logprob) that escalates --rate of the eval
+    cases of NAME@VERSION (default: the active release), run here on its model; with
+    --apply, set it as the policy's override."""
+    with store.reading() as db:
+        release = (
+            store.release(db, ref) if ref else store.release_by_id(db, store.state(db).active_id)
+        )
+    if release is None:
+        raise UsageError("no release is active: name one (NAME@VERSION)")
+    if apply and not reason.strip():
+        raise UsageError("--apply changes the routing policy: give a --reason")
+    from appliance.evals.evaluate import calibrate_confidence  # loads llama.cpp: only here
+    from appliance.evals.spec import load_spec
+
+    cases = len(load_spec(Path(release.path)).cases)
+    with progress_bar(cases, "scoring confidence", enabled=not as_json) as update:
+        found = calibrate_confidence(store, release, rate, update)
+    if apply:
+        threshold = json.dumps(found["min_mean_logprob"])
+        found["overrides"] = routing.set_policy(store, "min_mean_logprob", threshold, reason)
+    if as_json:
+        emit_json(found)
+        return
+    spread = found["mean_logprob"]
+    click.echo(
+        f"{found['release']}: {found['cases']} eval cases, mean token log-probability "
+        f"{spread['min']:.3f} .. {spread['median']:.3f} (median) .. {spread['max']:.3f}"
+    )
+    click.echo(
+        f"min_mean_logprob {found['min_mean_logprob']:.4f} escalates "
+        f"{found['escalation_rate']:.0%} of them (asked: {rate:.0%}); they fail "
+        f"{_share(found['failure_rate_escalated'])}, the rest {_share(found['failure_rate_kept'])}"
+    )
+    if apply:
+        click.echo("set as the policy's override (audited)")
+    else:
+        click.echo("not applied: rerun with --apply --reason ... to set it")
+
+
+def _share(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.0%}"
+
+
+def _policies(store: ReleaseStore) -> tuple[RoutingPolicy, dict[str, Any], str | None]:
+    """The active release's signed policy, the overrides, and the release's ref."""
+    with store.reading() as db:
+        overrides = routing.routing_state(db).policy
+        active = store.release_by_id(db, store.state(db).active_id)
+    if active is None:
+        return RoutingPolicy(), overrides, None
+    serving = ServingConfig.from_release_dir(Path(active.path))
+    return serving.routing_policy(), overrides, active.ref
 
 
 @click.group()

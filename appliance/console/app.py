@@ -87,6 +87,8 @@ class ConsoleApp(App[None]):
     Sparkline { height: 2; margin-bottom: 1; }
     .caption { color: $text-muted; }
     DataTable { height: 1fr; }
+    Tab { padding: 0 1 0 0; }
+    #routes-table { height: auto; max-height: 8; }
     """
     BINDINGS = [
         # Screen keys are shown in the tab titles, so the footer fits 80 columns.
@@ -96,6 +98,9 @@ class ConsoleApp(App[None]):
         Binding("g", "show('audit')", "Audit", show=False),
         Binding("k", "show('keys')", "Keys", show=False),
         Binding("o", "show('rollout')", "Rollout", show=False),
+        Binding("t", "show('routing')", "Routing", show=False),
+        Binding("b", "fallback", "Fallback", show=False),  # listed on the Routing screen
+        Binding("i", "incident", "Incident"),
         Binding("p", "promote", "Promote", show=False),  # listed on the Rollout screen
         Binding("a", "activate", "Activate"),
         Binding("r", "rollback", "Roll back"),
@@ -139,6 +144,10 @@ class ConsoleApp(App[None]):
                 yield Static("", id="rollout-status")
                 yield DataTable(id="rollout-table", cursor_type="row")
                 yield Static("", id="rollout-history")
+            with TabPane("Routing (t)", id="routing"):
+                yield Static("", id="routing-status")
+                yield DataTable(id="targets-table", cursor_type="row")
+                yield DataTable(id="routes-table", cursor_type="row")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -151,6 +160,12 @@ class ConsoleApp(App[None]):
         self.query_one("#keys-table", DataTable).add_columns("key id", "name", "status", "signed")
         self.query_one("#rollout-table", DataTable).add_columns(
             "role", "requests", "errors", "p95", "online checks (95% Wilson)", "agreement"
+        )
+        self.query_one("#targets-table", DataTable).add_columns(
+            "#", "cold-path target", "url", "model", "per 1k tokens"
+        )
+        self.query_one("#routes-table", DataTable).add_columns(
+            "route (5 min)", "requests", "errors", "p95", "cold cost", "escalations"
         )
         self.refresh_data()
         self.set_interval(self._refresh_seconds, self.refresh_data)
@@ -174,6 +189,7 @@ class ConsoleApp(App[None]):
         self._show_audit(snap)
         self._show_keys(snap)
         self._show_rollout(snap)
+        self._show_routing(snap)
 
     def _show_dashboard(self, snap: Snapshot) -> None:
         w, service = snap.window, snap.service
@@ -186,8 +202,15 @@ class ConsoleApp(App[None]):
             else "not reachable"
         )
         frozen = f"FROZEN: {snap.frozen_reason}" if snap.frozen else "not frozen"
+        routing = snap.routing
+        incident = (
+            f"[b reverse]INCIDENT[/] since {routing.incident_started}: "
+            f"{escape(routing.incident)} (i ends it)\n"
+            if routing and routing.incident
+            else ""
+        )
         self.query_one("#summary", Static).update(
-            f"[b]Active[/b] {snap.active or '-'}   ({frozen})\n"
+            incident + f"[b]Active[/b] {snap.active or '-'}   ({frozen})\n"
             f"[b]Service[/b] {served}\n"
             f"[b]Last 5 min[/b] {w.requests_per_second:.2f} req/s, "
             f"{w.completion_tokens_per_second:.1f} tok/s, errors {w.error_rate:.1%}\n"
@@ -315,6 +338,40 @@ class ConsoleApp(App[None]):
             )
         )
 
+    def _show_routing(self, snap: Snapshot) -> None:
+        routing = snap.routing
+        if routing is None:
+            return
+        mode = (
+            f"everything to the fallback ({escape(routing.fallback_reason or '')})"
+            if routing.fallback
+            else "by the release's policy"
+        )
+        incident = f"\nincident open: {escape(routing.incident)}" if routing.incident else ""
+        keys = "b turns the fallback " + ("off" if routing.fallback else "on")
+        keys += ", i " + ("ends the incident" if routing.incident else "starts an incident")
+        status = self.query_one("#routing-status", Static)
+        status.update(f"[b]Routing[/b] {mode}{incident}\n{keys}")
+        targets = self.query_one("#targets-table", DataTable)
+        targets.clear()
+        for t in snap.targets:
+            targets.add_row(str(t.position), t.name, t.url, t.model, f"{t.cost_per_1k_tokens:g}")
+        prices = {f"cold:{t.name}": t.cost_per_1k_tokens for t in snap.targets}
+        routes = self.query_one("#routes-table", DataTable)
+        routes.clear()
+        total = sum(r.requests for r in snap.routes) or 1
+        for r in snap.routes:
+            escalated = ", ".join(f"{k} {v}" for k, v in sorted(r.escalations.items()))
+            cost = r.cold_tokens / 1000 * prices.get(r.route, 0.0)
+            routes.add_row(
+                r.route,
+                f"{r.requests} ({r.requests / total:.0%})",
+                f"{r.errors / r.requests:.1%}" if r.requests else "-",
+                _s(r.latency_p95),
+                "-" if r.route == "hot" else f"{cost:.4g}",
+                escalated or "-",
+            )
+
     # -- navigation and actions --------------------------------------------------------
 
     def action_show(self, tab: str) -> None:
@@ -394,6 +451,44 @@ class ConsoleApp(App[None]):
             False,
             lambda why: self._actions.unfreeze(why),
         )
+
+    def action_fallback(self) -> None:
+        routing = self.snapshot.routing if self.snapshot else None
+        if routing is None:
+            return
+        self.action_show("routing")
+        if routing.fallback:
+            change = "Requests are routed by the release's policy again."
+        elif not self.snapshot.targets:
+            self.notify(
+                "no cold-path target is registered (appliance route add)", severity="warning"
+            )
+            return
+        else:
+            change = f"Every request goes to the cold path ({self.snapshot.targets[0].name} first)."
+        on = not routing.fallback
+        self._confirm(
+            "Fallback " + ("on" if on else "off"),
+            change,
+            on,
+            lambda why: self._actions.fallback(on, why),
+        )
+
+    def action_incident(self) -> None:
+        routing = self.snapshot.routing if self.snapshot else None
+        if routing is None:
+            return
+        if routing.incident:
+            change = "Releases are unfrozen and the fallback turned off."
+            self._confirm(
+                "End incident", change, False, lambda why: self._actions.end_incident(why)
+            )
+            return
+        change = (
+            "Releases freeze (rollback still works: r), and every request goes to the "
+            "fallback when a cold-path target is registered."
+        )
+        self._confirm("Start incident", change, True, lambda why: self._actions.start_incident(why))
 
     def _confirm(
         self, title: str, change: str, reason_required: bool, act: Callable[[str], str]

@@ -29,7 +29,22 @@ from appliance.store.rollouts import (
     promote_rollout,
     rollout_history,
 )
-from appliance.telemetry.queries import WindowStats, percentile, window_stats
+from appliance.store.routing import (
+    RoutingState,
+    Target,
+    end_incident,
+    routing_state,
+    set_fallback,
+    start_incident,
+    targets,
+)
+from appliance.telemetry.queries import (
+    RouteStats,
+    WindowStats,
+    percentile,
+    route_stats,
+    window_stats,
+)
 from appliance.trust.truststore import load_trust_store
 
 SPARK_BUCKETS = 30
@@ -78,6 +93,9 @@ class Snapshot:
     notes: tuple[str, ...] = field(default_factory=tuple)  # errors to show, never raise
     rollout: dict[str, Any] | None = None  # the running or latest rollout (Rollout.as_dict)
     rollout_history: tuple[dict[str, Any], ...] = ()  # its audited decisions, oldest first
+    routing: RoutingState | None = None  # the fallback switch, an open incident, overrides
+    targets: tuple[Target, ...] = ()  # cold-path targets, in fallback order
+    routes: tuple[RouteStats, ...] = ()  # the last window's requests by the path that answered
 
 
 def load_snapshot(
@@ -100,6 +118,8 @@ def load_snapshot(
         audit_rows = tuple(audit.rows(db, limit=200))
         rollout = latest_rollout(db)
         history = tuple(rollout_history(db, rollout.id)) if rollout else ()
+        routing_now, registered = routing_state(db), tuple(targets(db))
+        routes = tuple(route_stats(db, window_seconds, now))
     finally:
         db.close()
     keys = tuple(
@@ -133,6 +153,9 @@ def load_snapshot(
         threshold=trust.threshold,
         rollout=rollout.as_dict() if rollout else None,
         rollout_history=history,
+        routing=routing_now,
+        targets=registered,
+        routes=routes,
     )
 
 
@@ -245,3 +268,16 @@ class ConsoleActions:
     def abort_rollout(self, reason: str) -> str:
         done = abort_rollout(self.store, reason)
         return f"aborted the {done.mode} of {done.candidate}"
+
+    def fallback(self, on: bool, reason: str) -> str:
+        set_fallback(self.store, on, reason)
+        return "every request goes to the fallback" if on else "routing by the policy again"
+
+    def start_incident(self, reason: str) -> str:
+        opened = start_incident(self.store, reason)
+        routed = "everything to the fallback" if opened["fallback"] else "no fallback registered"
+        return f"incident open: releases frozen, {routed}"
+
+    def end_incident(self, reason: str) -> str:
+        end_incident(self.store, reason)
+        return "incident over: releases unfrozen, routing by the policy"

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import GateError, GateFailed
+from appliance.errors import GateError, GateFailed, UsageError
 from appliance.evals.report import build_report, exit_code, write_reports
-from appliance.evals.runner import Progress, run_in_process, run_over_http
+from appliance.evals.runner import (
+    CaseResult,
+    Progress,
+    Routing,
+    run_in_process,
+    run_over_http,
+)
 from appliance.evals.spec import EvalSpec, load_spec
+from appliance.serve.coldpath import ColdPath
+from appliance.serve.config import ServingConfig
+from appliance.serve.policy import RoutingPolicy
 from appliance.store.gate import host_id
 from appliance.store.records import Release
 from appliance.store.releases import ReleaseStore
+from appliance.store.routing import routing_state, targets
 
 
 @dataclass(frozen=True)
@@ -58,13 +70,20 @@ def evaluate_release(
     """Run the release's frozen spec (in-process, or against the service at `url`), compare
     with the baseline (default: the active release) on the same cases, store the report."""
     release, baseline, spec = plan.release, plan.baseline, plan.spec
-    if url:  # refused unless the service serves exactly these signed bytes
-        run = run_over_http(spec, url, api_key, release.ref, release.manifest_sha256, progress)
-    else:
-        run = run_in_process(spec, Path(release.path), progress)
+    with routing_for(store, release) as routing:
+        if url:  # refused unless the service serves exactly these signed bytes
+            prices = {
+                f"cold:{c.target.name}": c.target.cost_per_1k_tokens for c in routing.cold_paths
+            }
+            run = run_over_http(
+                spec, url, api_key, release.ref, release.manifest_sha256, progress, prices
+            )
+        else:
+            run = run_in_process(spec, Path(release.path), progress, routing)
     compared = None
     if baseline is not None:
-        compared = (baseline.ref, run_in_process(spec, Path(baseline.path), progress))
+        with routing_for(store, baseline) as routing:
+            compared = (baseline.ref, run_in_process(spec, Path(baseline.path), progress, routing))
     report = build_report(
         spec, run, release.ref, release.manifest_sha256, release.spec_hash, host_id(), compared
     )
@@ -73,6 +92,63 @@ def evaluate_release(
     )
     report_id = store.record_eval_report(release, report["gate"]["passed"], json.dumps(report))
     return Evaluation(report, files, report_id)
+
+
+@contextmanager
+def routing_for(store: ReleaseStore, release: Release) -> Iterator[Routing]:
+    """How the service would route the release's requests now: its signed policy, the
+    admin's overrides and the registered cold paths (closed when the block ends)."""
+    with store.reading() as db:
+        state, registered = routing_state(db), targets(db)
+    signed = ServingConfig.from_release_dir(Path(release.path)).routing_policy()
+    routing = Routing(signed.with_overrides(state.policy), [ColdPath(t) for t in registered])
+    try:
+        yield routing
+    finally:
+        for cold in routing.cold_paths:
+            cold.close()
+
+
+def calibrate_confidence(
+    store: ReleaseStore, release: Release, rate: float, progress: Progress | None = None
+) -> dict[str, Any]:
+    """The min_mean_logprob under which `rate` of the release's eval cases fall: each case
+    runs here (no cold path) with its confidence scored, and the threshold is the value at
+    that quantile, as RouteLLM calibrates its router on a labelled set. Also how often the
+    cases it would escalate fail, against those it would keep: a threshold that escalates
+    the failures is worth its cost."""
+    if not 0 < rate < 1:
+        raise UsageError("--rate must be between 0 and 1 (the share of requests to escalate)")
+    store.verify_installed(release)
+    spec = load_spec(Path(release.path))
+    scoring = Routing(RoutingPolicy(min_mean_logprob=-float("inf")))  # scores, never escalates
+    run = run_in_process(spec, Path(release.path), progress, scoring)
+    scored = sorted(
+        (c for c in run.cases if c.mean_logprob is not None), key=lambda c: c.mean_logprob
+    )
+    if not scored:
+        raise GateError(f"{release.ref}: no eval case generated a token to score")
+    cut = min(len(scored) - 1, round(rate * len(scored)))
+    threshold = scored[cut].mean_logprob
+    escalated, kept = scored[:cut], scored[cut:]
+    return {
+        "release": release.ref,
+        "cases": len(scored),
+        "target_rate": rate,
+        "min_mean_logprob": threshold,
+        "escalation_rate": len(escalated) / len(scored),
+        "failure_rate_escalated": _failure_rate(escalated),
+        "failure_rate_kept": _failure_rate(kept),
+        "mean_logprob": {
+            "min": scored[0].mean_logprob,
+            "median": scored[len(scored) // 2].mean_logprob,
+            "max": scored[-1].mean_logprob,
+        },
+    }
+
+
+def _failure_rate(cases: list[CaseResult]) -> float | None:
+    return sum(not c.passed for c in cases) / len(cases) if cases else None
 
 
 def releases_to_run(

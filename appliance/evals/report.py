@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +51,8 @@ def build_report(
     successes = sum(c.passed for c in cases)
     latencies = [c.latency_ms for c in cases]
     ttfts = [c.ttft_ms for c in cases if c.ttft_ms is not None]
-    cost = run.cpu_seconds / 3600 * spec.gates.cost_per_cpu_hour
+    cpu_cost = run.cpu_seconds / 3600 * spec.gates.cost_per_cpu_hour
+    cost = cpu_cost + sum(c.cold_cost for c in cases)  # what the routed system cost
     report: dict[str, Any] = {
         "release": release,
         "manifest_sha256": manifest_sha256,  # the exact signed content that was measured
@@ -91,11 +93,53 @@ def build_report(
         "cpu_seconds": run.cpu_seconds,
         "cost": cost,
         "cost_per_success": cost / successes if successes else None,
+        "routing": _routing(cases, cpu_cost),
         "regression": _regression(spec, cases, baseline),
         "cases": [asdict(c) for c in cases],
     }
     report["gate"] = gate_verdict(spec, report)
     return report
+
+
+def _routing(cases: list[CaseResult], cpu_cost: float) -> dict[str, Any]:
+    """Escalations by reason, and each route's cases, successes and cost per success: the
+    release's route costs the run's CPU (every case it generated, escalated ones too), a
+    cold path the tokens it was paid for."""
+    escalations = Counter(c.escalation for c in cases if c.escalation is not None)
+    routes: dict[str, dict[str, Any]] = {}
+    for route in sorted({"hot", *(c.route for c in cases)}):
+        answered = [c for c in cases if c.route == route]
+        passed = sum(c.passed for c in answered)
+        cost = cpu_cost if route == "hot" else sum(c.cold_cost for c in answered)
+        routes[route] = {
+            "cases": len(answered),
+            "passed": passed,
+            "cost": cost,
+            "cost_per_success": cost / passed if passed else None,
+        }
+    return {
+        "escalation_rate": sum(escalations.values()) / len(cases) if cases else 0.0,
+        "escalations": dict(sorted(escalations.items())),
+        # escalated, but the release answered: no cold path registered, or none answered
+        "not_escalated": sum(1 for c in cases if c.escalation is not None and c.route == "hot"),
+        "routes": routes,
+    }
+
+
+def _routing_line(routing: dict[str, Any] | None) -> str:
+    if not routing:
+        return "- Routing: not measured"
+    reasons = ", ".join(f"{k} {v}" for k, v in routing["escalations"].items()) or "none"
+    routes = "; ".join(
+        f"{name}: {r['passed']}/{r['cases']} passed, cost per success "
+        f"{_number(r['cost_per_success'])}"
+        for name, r in routing["routes"].items()
+    )
+    stayed = routing["not_escalated"]
+    held = f" ({stayed} answered here: no cold path answered)" if stayed else ""
+    return (
+        f"- Routing: escalation rate {routing['escalation_rate']:.2f} ({reasons}){held}; {routes}"
+    )
 
 
 def _rate(passed: int, n: int) -> dict[str, Any]:
@@ -262,6 +306,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{_ms(report['ttft_ms'])}",
         f"- {report['tokens_per_second']:.1f} tokens/s; {report['cpu_seconds']:.2f} CPU-s; "
         f"cost per successful case {_number(report['cost_per_success'])}",
+        _routing_line(report.get("routing")),
         "",
         "| suite | pass rate (95% Wilson) | minimum |",
         "|---|---|---|",

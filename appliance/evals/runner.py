@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -20,11 +21,21 @@ from appliance.errors import ApplianceError, EvalTargetError, PromptTooLong
 from appliance.evals.host import HostMonitor, HostState
 from appliance.evals.scorers import SCORERS
 from appliance.evals.spec import Case, EvalSpec
-from appliance.serve.config import MANIFEST_HEADER, SamplingParams, ServiceOptions, ServingConfig
+from appliance.serve.coldpath import ColdPath, ColdPathError, Kind
+from appliance.serve.config import (
+    ESCALATION_HEADER,
+    MANIFEST_HEADER,
+    ROUTE_HEADER,
+    SamplingParams,
+    ServiceOptions,
+    ServingConfig,
+)
+from appliance.serve.policy import RoutingPolicy
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, Generation
 
 Progress = Callable[[int], None]
+log = logging.getLogger("appliance.evals")
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,42 @@ class CaseResult:
     latency_ms: float
     ttft_ms: float | None
     completion_tokens: int
+    route: str = "hot"  # who answered: the release, or "cold:NAME"
+    escalation: str | None = None  # why the policy escalated it (route hot: no cold path could)
+    cold_cost: float = 0.0  # what the cold path's tokens cost
+    mean_logprob: float | None = None  # the release's confidence, when the policy scores it
+
+
+@dataclass
+class Routing:
+    """Routes the gate's cases as the service routes requests: the release's policy with
+    the admin's overrides, and the registered cold paths in fallback order. With none
+    registered, the report still says which cases the policy would escalate."""
+
+    policy: RoutingPolicy
+    cold_paths: list[ColdPath] = field(default_factory=list)
+
+    def before(self, case: Case, generation: Generation, context: int) -> str | None:
+        return self.policy.before(_case_text(case), len(generation.prompt_tokens), context, False)
+
+    def after(self, case: Case, output: str, event: Event) -> str | None:
+        wants_json = bool({"json_valid", "json_schema"} & set(case.scorers))
+        return self.policy.after(output, event.mean_logprob, wants_json)
+
+    def ask_cold(self, spec: EvalSpec, case: Case) -> tuple[str, str, int, float] | None:
+        """(route, answer, completion tokens, cost) from the first cold path that answers."""
+        kind, body = _cold_request(spec, case)
+        for cold in self.cold_paths:
+            try:
+                answer = cold.complete(kind, body)
+            except ColdPathError:
+                continue
+            choice = (answer.get("choices") or [{}])[0]
+            text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
+            used = answer.get("usage") or {}
+            cost = int(used.get("total_tokens") or 0) / 1000 * cold.target.cost_per_1k_tokens
+            return f"cold:{cold.target.name}", text, int(used.get("completion_tokens") or 0), cost
+        return None
 
 
 @dataclass(frozen=True)
@@ -74,10 +121,13 @@ def score_case(
 
 
 def run_in_process(
-    spec: EvalSpec, release_dir: Path, progress: Progress | None = None
+    spec: EvalSpec,
+    release_dir: Path,
+    progress: Progress | None = None,
+    routing: Routing | None = None,
 ) -> RunResult:
     """Load the release's model here (it need not be active) and run every case, with as
-    many slots as the spec's load has clients."""
+    many slots as the spec's load has clients, routed by `routing` when given."""
     serving = ServingConfig.from_release_dir(release_dir)
     runtime = ModelRuntime.load(
         "eval",
@@ -87,23 +137,57 @@ def run_in_process(
         ServiceOptions(slots=spec.load.clients, max_queue=spec.load.clients),
     )
     try:
-        return _run_on_runtime(spec, runtime, progress or (lambda _n: None))
+        return _run_on_runtime(spec, runtime, progress or (lambda _n: None), routing)
     finally:
         runtime.close()
 
 
-def _run_on_runtime(spec: EvalSpec, runtime: ModelRuntime, progress: Progress) -> RunResult:
+def _run_on_runtime(
+    spec: EvalSpec, runtime: ModelRuntime, progress: Progress, routing: Routing | None
+) -> RunResult:
     results: dict[str, CaseResult] = {}
     done = threading.Event()
     lock = threading.Lock()
     in_flight = threading.Semaphore(spec.load.clients)
     cases = spec.cases
+    # Cold-path calls block: never on the scheduler's thread.
+    cold_calls = concurrent.futures.ThreadPoolExecutor(spec.load.clients)
     # process_time reads CLOCK_PROCESS_CPUTIME_ID (ns); psutil's cpu_times counts 10 ms
     # ticks, and a short run on a small model measured 0 CPU-s, so it cost nothing.
     cpu_start, wall_start = time.process_time(), time.monotonic()
     monitor = HostMonitor()
 
-    def submit(case: Case) -> None:
+    def finish(result: CaseResult) -> None:
+        with lock:
+            results[result.id] = result
+            if len(results) == len(cases):
+                done.set()
+        in_flight.release()
+        progress(1)
+
+    def escalate(case: Case, reason: str, started: float, hot: CaseResult | None) -> None:
+        """The cold path's answer, scored; if none answers, the release's (generated now
+        when the policy escalated before generating)."""
+        assert routing is not None
+        try:
+            answered = routing.ask_cold(spec, case)
+        except Exception:  # an odd answer must not hang the run: the release answers
+            log.exception("eval case %s: the cold path's answer could not be read", case.id)
+            answered = None
+        if answered is None and hot is None:
+            generate(case, started, _generation(spec, runtime, case, routing), reason)
+            return
+        if answered is None:
+            finish(replace(hot, escalation=reason))
+            return
+        route, text, tokens, cost = answered
+        latency = (time.monotonic() - started) * 1000
+        scored = score_case(case, text, latency, None, tokens)
+        finish(replace(scored, route=route, escalation=reason, cold_cost=cost))
+
+    def generate(
+        case: Case, started: float, generation: Generation, escalated: str | None = None
+    ) -> None:
         parts, first = [], [None]
 
         def listener(event: Event) -> None:
@@ -112,40 +196,63 @@ def _run_on_runtime(spec: EvalSpec, runtime: ModelRuntime, progress: Progress) -
             parts.append(event.text)
             if event.finish_reason is None:
                 return
-            now = time.monotonic()
+            output, now = "".join(parts), time.monotonic()
             ttft = (first[0] - started) * 1000 if first[0] else None
-            result = score_case(
-                case, "".join(parts), (now - started) * 1000, ttft, event.completion_tokens
-            )
-            with lock:
-                results[case.id] = result
-                if len(results) == len(cases):
-                    done.set()
-            in_flight.release()
-            progress(1)
+            result = score_case(case, output, (now - started) * 1000, ttft, event.completion_tokens)
+            result = replace(result, mean_logprob=event.mean_logprob)
+            reason = escalated or (routing.after(case, output, event) if routing else None)
+            if reason is not None and escalated is None and routing.cold_paths:
+                cold_calls.submit(escalate, case, reason, started, result)
+            else:
+                finish(replace(result, escalation=reason))
 
-        generation = _generation(spec, runtime, case)
-        started = time.monotonic()  # sent to the engine now, with a free slot waiting
         runtime.scheduler.submit(generation, listener)
+
+    def submit(case: Case) -> None:
+        generation = _generation(spec, runtime, case, routing)
+        started = time.monotonic()  # sent now, with a free slot waiting
+        context = runtime.engine.context_per_slot
+        reason = routing.before(case, generation, context) if routing else None
+        if reason is not None and routing.cold_paths:
+            cold_calls.submit(escalate, case, reason, started, None)
+        else:
+            generate(case, started, generation, reason)
 
     for case in cases:
         in_flight.acquire()
         submit(case)
     done.wait()
+    cold_calls.shutdown()
     cpu = time.process_time() - cpu_start
     wall = time.monotonic() - wall_start
     return RunResult([results[c.id] for c in cases], wall, cpu, monitor.finish())
 
 
-def _generation(spec: EvalSpec, runtime: ModelRuntime, case: Case) -> Generation:
+def _generation(
+    spec: EvalSpec, runtime: ModelRuntime, case: Case, routing: Routing | None = None
+) -> Generation:
     """The same preparation as the API's: template, tokens, context check, caps."""
     messages = list(case.messages) if case.messages is not None else None
     tokens = runtime.prompt_tokens(messages, case.prompt)
     sampling = SamplingParams(temperature=spec.temperature, seed=spec.seed)
     try:
-        return runtime.generation(tokens, sampling, spec.max_tokens)
+        scores = routing is not None and routing.policy.judges_confidence
+        return runtime.generation(tokens, sampling, spec.max_tokens, scores_confidence=scores)
     except PromptTooLong as exc:
         raise ApplianceError(f"eval case {case.id}: {exc.message}") from exc
+
+
+def _case_text(case: Case) -> str:
+    if case.messages is not None:
+        return "\n".join(content for _role, content in case.messages)
+    return case.prompt or ""
+
+
+def _cold_request(spec: EvalSpec, case: Case) -> tuple[Kind, dict]:
+    body: dict = {"max_tokens": spec.max_tokens, "temperature": spec.temperature, "seed": spec.seed}
+    if case.messages is not None:
+        return "chat", {**body, "messages": [{"role": r, "content": c} for r, c in case.messages]}
+    return "completion", {**body, "prompt": case.prompt or ""}
 
 
 def run_over_http(
@@ -155,12 +262,14 @@ def run_over_http(
     ref: str,
     manifest_sha256: str,
     progress: Progress | None = None,
+    prices: dict[str, float] | None = None,
 ) -> RunResult:
-    """Run against a running service, streaming to time first tokens. The service must
+    """Run against a running service, streaming to time first tokens; `prices` are the
+    cold routes' costs per thousand tokens, for cost per success by route. The service must
     serve exactly this release: /v1/models must list it with this manifest digest before
     and after the run, and every response must name it; otherwise EvalTargetError.
     The cost is the service process's own CPU time, from its /metrics."""
-    progress = progress or (lambda _n: None)
+    progress, prices = progress or (lambda _n: None), prices or {}
     headers = {"Authorization": f"Bearer {api_key}"}
     with httpx.Client(base_url=url, headers=headers, timeout=600) as http:
         _require_served(http, url, ref, manifest_sha256)
@@ -168,7 +277,7 @@ def run_over_http(
         start, monitor = time.monotonic(), HostMonitor()
 
         def run(case: Case) -> CaseResult:
-            result = _http_case(http, spec, case, ref, manifest_sha256)
+            result = _http_case(http, spec, case, ref, manifest_sha256, prices)
             progress(1)
             return result
 
@@ -212,7 +321,12 @@ def _require_served(http: httpx.Client, url: str, ref: str, manifest_sha256: str
 
 
 def _http_case(
-    http: httpx.Client, spec: EvalSpec, case: Case, ref: str, manifest_sha256: str
+    http: httpx.Client,
+    spec: EvalSpec,
+    case: Case,
+    ref: str,
+    manifest_sha256: str,
+    prices: dict[str, float],
 ) -> CaseResult:
     body: dict = {
         "model": ref,
@@ -227,13 +341,18 @@ def _http_case(
         body["messages"] = [{"role": r, "content": c} for r, c in case.messages]
     else:
         path, body["prompt"] = "/v1/completions", case.prompt or ""
-    started, first, parts, tokens = time.monotonic(), None, [], 0
+    started, first, parts, used = time.monotonic(), None, [], {}
     with http.stream("POST", path, json=body) as response:
         if response.status_code != 200:
             raise ApplianceError(
                 f"eval case {case.id}: the service answered {response.status_code}"
             )
-        if response.headers.get(MANIFEST_HEADER) != manifest_sha256:
+        route = response.headers.get(ROUTE_HEADER, "hot")
+        # a cold path's answer names no release: the service routed it (its route says so)
+        if (
+            not route.startswith("cold:")
+            and response.headers.get(MANIFEST_HEADER) != manifest_sha256
+        ):
             raise EvalTargetError(
                 f"eval case {case.id} was answered by other content than {ref} "
                 f"({response.headers.get(MANIFEST_HEADER, 'unnamed')[:12]}): the service "
@@ -248,8 +367,10 @@ def _http_case(
                 if text and first is None:
                     first = time.monotonic()
                 parts.append(text)
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            used = chunk.get("usage") or used
     latency = (time.monotonic() - started) * 1000
     ttft = (first - started) * 1000 if first else None
-    return score_case(case, "".join(parts), latency, ttft, tokens)
+    result = score_case(case, "".join(parts), latency, ttft, used.get("completion_tokens", 0))
+    cold_cost = used.get("total_tokens", 0) / 1000 * prices.get(route, 0.0)
+    escalation = response.headers.get(ESCALATION_HEADER)
+    return replace(result, route=route, escalation=escalation, cold_cost=cold_cost)

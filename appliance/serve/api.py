@@ -29,19 +29,24 @@ from appliance import __version__
 from appliance.errors import ChatTemplateError, PromptTooLong
 from appliance.serve.api_errors import ApiError, install_error_handlers, send_error
 from appliance.serve.coldpath import ColdPathError
-from appliance.serve.config import MANIFEST_HEADER, SamplingParams
-from appliance.serve.relay import Relay, mirror, record
+from appliance.serve.config import (
+    ESCALATION_HEADER,
+    MANIFEST_HEADER,
+    ROUTE_HEADER,
+    SamplingParams,
+)
+from appliance.serve.policy import FALLBACK, INCIDENT, RoutingPolicy
+from appliance.serve.relay import HOT, Relay, Routed, mirror, record
 from appliance.serve.rollout import SESSION_HEADER, SHADOW, Route
 from appliance.serve.runtime import ModelRuntime
-from appliance.serve.scheduler import QueueFull, SchedulerDown, Unloading
+from appliance.serve.scheduler import Event, QueueFull, SchedulerDown, Unloading
 from appliance.serve.schemas import ChatRequest, CompletionRequest, GenerationParams
 from appliance.serve.service import Service
 
 RELEASE_HEADER, ROLE_HEADER = "x-appliance-release", "x-appliance-role"
-# Which path answered ("hot", or "cold:NAME"), why a request went to the cold path, and
-# why the hot path answered one that should have gone there.
-ROUTE_HEADER, ESCALATION_HEADER = "x-appliance-route", "x-appliance-escalation"
+# Why the hot path answered a request that should have gone to a cold path.
 ESCALATION_FAILED_HEADER = "x-appliance-escalation-failed"
+ESCALATE_HEADER = "x-appliance-escalate"  # a client's ask, if the policy allows clients to
 # What a cold path is asked: the OpenAI fields, not our llama.cpp extensions.
 NOT_FORWARDED = {"model", "stream", "stream_options", "ignore_eos", "top_k", "min_p"}
 
@@ -140,7 +145,8 @@ def create_app(service: Service) -> FastAPI:
             except ChatTemplateError as exc:
                 raise ApiError(400, str(exc)) from exc
 
-        return await _serve(service, route, prepare, body, request, "chat.completion")
+        text = "\n".join(content for _role, content in messages)
+        return await _serve(service, route, prepare, body, request, "chat.completion", text)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -151,7 +157,7 @@ def create_app(service: Service) -> FastAPI:
         def prepare(current: ModelRuntime) -> list[int]:
             return current.prompt_tokens(prompt=prompts[0])
 
-        return await _serve(service, route, prepare, body, request, "text_completion")
+        return await _serve(service, route, prepare, body, request, "text_completion", prompts[0])
 
     return app
 
@@ -163,41 +169,70 @@ async def _serve(
     body: GenerationParams,
     request: Request,
     kind: str,
+    text: str,
 ) -> Response:
     """Tokenize for the model that answers (in a worker thread: a huge prompt must not
     stall the event loop) and generate. A hot swap may retire that model meanwhile; then
     the request starts over on the model that replaced it, whose tokens may differ.
 
-    While the fallback is on (an admin's switch, or an incident), a registered cold path
-    answers instead; if none can, the hot path answers and says why in a header."""
-    escalation_failed = None
+    With a cold path registered, the fallback switch (an admin's, or an incident's) sends
+    every request there, and the routing policy (the release's, with an admin's overrides)
+    the requests it judges beyond the release: before generation by `text` and the prompt's
+    length, after it by the answer. If no cold path answers, the release answers and a
+    header says why."""
+    arrived, routed = time.time(), Routed()
     if service.routing.fallback and service.cold_paths():
-        reason = "incident" if service.routing.incident else "fallback"
-        escalated = await _escalate(service, body, kind, reason)
-        if isinstance(escalated, Response):
-            return escalated
-        escalation_failed = escalated
+        reason = INCIDENT if service.routing.incident else FALLBACK
+        hot = route(request, body.model)
+        answered = await _escalate(service, hot, body, kind, reason, routed, arrived)
+        if answered is not None:
+            return answered
     for _attempt in range(3):
         chosen = route(request, body.model)
         tokens = await run_in_threadpool(prepare, chosen.runtime)
+        policy = service.policy(chosen.runtime) if service.cold_paths() else None
+        if policy is not None and routed.escalation is None:
+            reason = policy.before(
+                text,
+                len(tokens),
+                chosen.runtime.engine.context_per_slot,
+                request.headers.get(ESCALATE_HEADER, "").lower() in ("1", "true", "yes"),
+            )
+            if reason is not None:
+                answered = await _escalate(service, chosen, body, kind, reason, routed, arrived)
+                if answered is not None:
+                    return answered
+            if routed.escalation is not None:
+                policy = None  # the cold path failed: judge the release's answer no further
         try:
-            response = await _generate(service, chosen, body, tokens, request, kind, prepare)
+            response = await _generate(
+                service, chosen, body, tokens, request, kind, prepare, routed, policy
+            )
         except Unloading:
             continue
-        response.headers[ROUTE_HEADER] = "hot"
-        if escalation_failed:
-            response.headers[ESCALATION_FAILED_HEADER] = escalation_failed[:200]
+        if ROUTE_HEADER not in response.headers:  # else a cold path replaced the answer
+            response.headers[ROUTE_HEADER] = HOT
+            if routed.escalation is not None:
+                response.headers[ESCALATION_HEADER] = routed.escalation
+                response.headers[ESCALATION_FAILED_HEADER] = routed.failure[:200]
         return response
     raise ApiError(503, "the model is being replaced; try again", "server_error", "not_ready")
 
 
 async def _escalate(
-    service: Service, body: GenerationParams, kind: str, reason: str
-) -> Response | str:
-    """The first cold path (in fallback order) that answers, as the response; or, when
-    none does, why (the breakers skip an unhealthy one at once)."""
+    service: Service,
+    hot: Route,
+    body: GenerationParams,
+    kind: str,
+    reason: str,
+    routed: Routed,
+    arrived: float,
+) -> Response | None:
+    """The answer of the first cold path (in fallback order) that gives one, recorded in
+    telemetry under `hot`'s release; None when none does (`routed` then says why). The
+    breakers skip an unhealthy target at once."""
     asked = body.model_dump(exclude_none=True, exclude=NOT_FORWARDED)
-    failures = []
+    routed.escalation, failures = reason, []
     for cold in service.cold_paths():
         try:
             answer = await run_in_threadpool(
@@ -206,16 +241,22 @@ async def _escalate(
         except ColdPathError as exc:
             failures.append(exc.message)
             continue
-        headers = {ROUTE_HEADER: f"cold:{cold.target.name}", ESCALATION_HEADER: reason}
+        routed.path = f"cold:{cold.target.name}"
+        routed.cold_tokens = int((answer.get("usage") or {}).get("total_tokens") or 0)
+        record(service, hot, kind, 200, arrived, routed=routed)
+        headers = {ROUTE_HEADER: routed.path, ESCALATION_HEADER: reason}
         if body.stream:
-            events = _as_events(answer, kind)
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _as_events(answer, kind, usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         return JSONResponse(answer, headers=headers)
-    return "; ".join(failures)
+    routed.failure = "; ".join(failures)
+    return None
 
 
-async def _as_events(answer: dict[str, Any], kind: str):
-    """A whole cold-path answer as a stream: its text in one chunk, then the end."""
+async def _as_events(answer: dict[str, Any], kind: str, include_usage: bool):
+    """A whole cold-path answer as a stream: its text in one chunk, then the end (and the
+    usage, when the client asked for it and the cold path gave it)."""
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     for choice in answer.get("choices") or []:
         if kind == "chat.completion":
@@ -228,6 +269,9 @@ async def _as_events(answer: dict[str, Any], kind: str):
             chosen = {**part, "index": 0, "finish_reason": reason}
             event = {**_envelope(answer), "object": chunk_kind, "choices": [chosen]}
             yield f"data: {json.dumps(event)}\n\n"
+    if include_usage and answer.get("usage"):
+        event = {**_envelope(answer), "object": chunk_kind, "choices": [], "usage": answer["usage"]}
+        yield f"data: {json.dumps(event)}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -243,7 +287,11 @@ async def _generate(
     request: Request,
     kind: str,
     prepare: Callable[[ModelRuntime], list[int]],
+    routed: Routed,
+    policy: RoutingPolicy | None,
 ) -> Response:
+    """Generate on `route`'s release. With a `policy` (a cold path is registered), a whole
+    answer is judged by its after-generation rules and may be replaced by a cold path's."""
     arrived = time.time()
     runtime = route.runtime
     _check_model(service, body.model)
@@ -256,6 +304,7 @@ async def _generate(
             stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()),
             ignore_eos=body.ignore_eos,
             deadline=time.monotonic() + service.options.request_timeout_seconds,
+            scores_confidence=policy is not None and policy.judges_confidence,
         )
     except PromptTooLong as exc:
         raise ApiError(
@@ -265,6 +314,17 @@ async def _generate(
             param="messages" if kind == "chat.completion" else "prompt",
         ) from exc
     relay = Relay(service, route, kind, arrived, streaming=body.stream)
+    relay.routed = routed
+    if policy is not None and not body.stream:
+        wants_json = body.response_format is not None and body.response_format.wants_json
+
+        async def second_opinion(text: str, event: Event, routed: Routed) -> Response | None:
+            reason = policy.after(text, event.mean_logprob, wants_json)
+            if reason is None:
+                return None
+            return await _escalate(service, route, body, kind, reason, routed, arrived)
+
+        relay.second_opinion = second_opinion
     if route.mirror is not None:
         shadow = route.mirror
         relay.on_answer = lambda text, failed: asyncio.get_running_loop().run_in_executor(
@@ -292,7 +352,8 @@ async def _generate(
             headers={"Cache-Control": "no-cache", **_served_by(route)},
         )
     response = await relay.whole(request)
-    response.headers.update(_served_by(route))
+    if ROUTE_HEADER not in response.headers:
+        response.headers.update(_served_by(route))
     return response
 
 

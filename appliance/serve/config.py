@@ -8,9 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.serve.policy import RoutingPolicy
+
 # Every generation response names the signed content that produced it, so a client (the
 # eval runner over --url) can tell exactly which release answered.
 MANIFEST_HEADER = "x-appliance-manifest-sha256"
+# Which path answered ("hot", or "cold:NAME"), and why a request went to a cold path.
+ROUTE_HEADER, ESCALATION_HEADER = "x-appliance-route", "x-appliance-escalation"
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,16 @@ class ServingConfig:
     max_tokens: int = 512
     sampling: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
+    routing: dict[str, Any] = field(default_factory=dict)  # the signed routing policy
 
     @classmethod
     def from_release_dir(cls, path: Path) -> ServingConfig:
         raw = json.loads((path / "serving.json").read_text())
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         return cls(**known)
+
+    def routing_policy(self) -> RoutingPolicy:
+        return RoutingPolicy.from_dict(self.routing, "serving.json [routing]")
 
     def default_sampling(self) -> SamplingParams:
         fields = SamplingParams.__dataclass_fields__

@@ -45,6 +45,21 @@ class ServiceMetrics:
             "Mirrored requests dropped because stable or the shadow had work waiting",
             registry=r,
         )
+        self.route_requests = Counter(
+            "appliance_route_requests",
+            "Client requests by the path that answered (hot, cold:NAME), escalation reason "
+            "(none, or why it went to a cold path; with route hot, the cold path failed) "
+            "and HTTP status",
+            ["route", "escalation", "status"],
+            registry=r,
+        )
+        self.route_latency = Histogram(
+            "appliance_route_latency_seconds",
+            "Latency of answered client requests by the path that answered",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens", registry=r)
         self.completion_tokens = Counter(
             "appliance_completion_tokens", "Completion tokens", registry=r
@@ -75,6 +90,14 @@ class ServiceMetrics:
             "Most sequences decoded in one llama_decode call",
             registry=r,
         )
+
+    def count_route(self, path: str, escalation: str | None, status: int, seconds: float) -> None:
+        """A client's request by the path that answered it and why it escalated."""
+        self.route_requests.labels(
+            route=path, escalation=escalation or "none", status=str(status)
+        ).inc()
+        if status == 200:
+            self.route_latency.labels(route=path).observe(seconds)
 
     def set_release(self, release: str) -> None:
         self.active_release.clear()

@@ -9,12 +9,12 @@ import difflib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from appliance.errors import PromptTooLong
 from appliance.serve.api_errors import ApiError, error_body
@@ -25,6 +25,25 @@ from appliance.serve.service import Service
 from appliance.telemetry.writer import RequestRecord
 
 REPLAY_EVERY = 5  # one mirrored request in five is also replayed on stable (the noise floor)
+HOT = "hot"
+
+
+@dataclass
+class Routed:
+    """Which path answered a client's request and why: "hot" (this release), or
+    "cold:NAME" for a registered target; the escalation reason, when the policy or the
+    fallback sent it to a cold path (with path "hot", the cold path failed and the release
+    answered instead); and the tokens the cold path was paid for."""
+
+    path: str = HOT
+    escalation: str | None = None
+    cold_tokens: int = 0
+    failure: str = ""  # why no cold path answered
+
+
+# A second opinion on a whole answer (the routing policy's after-generation rules): the
+# cold path's response that replaces it, or None to send the release's own.
+SecondOpinion = Callable[[str, Event, Routed], Awaitable[Response | None]]
 
 
 def mirror(
@@ -125,6 +144,8 @@ class Relay:
         self.ticket = None
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         self.first_token_at: float | None = None
+        self.routed = Routed()
+        self.second_opinion: SecondOpinion | None = None
 
     def listener(self, event: Event) -> None:
         """Called on the scheduler thread."""
@@ -145,7 +166,13 @@ class Relay:
                     self._finish(499, None, "cancelled")
                     return JSONResponse({}, status_code=499)
                 continue
-            return self._final_response("".join(self.parts) + event.text, event)
+            text = "".join(self.parts) + event.text
+            if self.second_opinion is not None and status_for(event)[0] == 200:
+                replaced = await self.second_opinion(text, event, self.routed)
+                if replaced is not None:
+                    self._finish(200, event, None, text)
+                    return replaced
+            return self._final_response(text, event)
 
     def _final_response(self, text: str, event: Event) -> JSONResponse:
         status, error = status_for(event)
@@ -249,6 +276,7 @@ class Relay:
             self.first_token_at,
             error,
             text=answered,
+            routed=self.routed,
         )
         if answered is not None and self.on_answer is not None:
             self.on_answer(answered, failed)
@@ -290,9 +318,11 @@ def record(
     text: str | None = None,
     agreement: float | None = None,
     stable_checks_failed: int | None = None,
+    routed: Routed | None = None,
 ) -> int:
     """Count the request in /metrics and telemetry; run the online checks on its text and
     return how many it failed."""
+    routed = routed or Routed()
     now = time.time()
     release = route.runtime.model_id
     endpoint = "chat" if kind == "chat.completion" else "completions"
@@ -300,6 +330,7 @@ def record(
     failed = sum(1 for check in checks if not check.passes(text or ""))
     if route.role not in MIRRORED:
         service.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        service.metrics.count_route(routed.path, routed.escalation, status, now - arrived)
     service.metrics.by_release.labels(release=release, role=route.role, status=str(status)).inc()
     if failed:
         service.metrics.check_failures.labels(release=release, role=route.role).inc()
@@ -315,6 +346,9 @@ def record(
         checks_failed=failed,
         agreement=agreement,
         stable_checks_failed=stable_checks_failed,
+        route=routed.path,
+        escalation=routed.escalation,
+        cold_tokens=routed.cold_tokens,
     )
     if event is not None:
         service.metrics.prompt_tokens.inc(event.prompt_tokens)

@@ -4,13 +4,14 @@ release's serving config. The service keeps one current runtime and swaps it who
 from __future__ import annotations
 
 import concurrent.futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import PromptTooLong
 from appliance.serve.chat import ChatFormatter
 from appliance.serve.config import SamplingParams, ServiceOptions, ServingConfig
 from appliance.serve.engine import Engine, EngineConfig
+from appliance.serve.policy import RoutingPolicy
 from appliance.serve.probe import probe_model
 from appliance.serve.scheduler import Generation, Scheduler
 
@@ -23,6 +24,7 @@ class ModelRuntime:
     engine: Engine
     scheduler: Scheduler
     chat: ChatFormatter
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # as the release signed it
 
     @classmethod
     def load(
@@ -36,6 +38,7 @@ class ModelRuntime:
     ) -> ModelRuntime:
         """Probe the model in a child process (ModelLoadError if llama.cpp dies on it), then
         load it here; its decode steps run on `compute` (see Scheduler)."""
+        policy = serving.routing_policy()  # a release whose policy is unreadable serves nothing
         probe_model(model_path, serving.context_size, serving.threads, serving.gpu_layers)
         engine = Engine(
             EngineConfig(
@@ -48,9 +51,8 @@ class ModelRuntime:
         )
         scheduler = Scheduler(engine, options.max_queue, compute)
         template = serving.chat_template or engine.chat_template()
-        return cls(
-            model_id, manifest_sha256, serving, engine, scheduler, ChatFormatter(engine, template)
-        )
+        chat = ChatFormatter(engine, template)
+        return cls(model_id, manifest_sha256, serving, engine, scheduler, chat, policy)
 
     # -- preparing a generation: one path for the API, a shadow's copy and the eval runner --
 
@@ -71,6 +73,7 @@ class ModelRuntime:
         stop: tuple[str, ...] = (),
         ignore_eos: bool = False,
         deadline: float = float("inf"),
+        scores_confidence: bool = False,
     ) -> Generation:
         """A request for this model: refused when the prompt fills the context, its
         max_tokens capped by the release's serving config and the room left."""
@@ -78,7 +81,15 @@ class ModelRuntime:
         if room < 1:
             raise PromptTooLong(len(tokens), self.engine.context_per_slot)
         capped = min(max_tokens, self.serving.max_tokens, room)
-        return Generation(tokens, sampling, capped, stop, ignore_eos, deadline)
+        return Generation(
+            tokens,
+            sampling,
+            capped,
+            stop,
+            ignore_eos,
+            deadline,
+            scores_confidence=scores_confidence,
+        )
 
     def close(self) -> None:
         """Let in-flight requests finish, then free the model."""

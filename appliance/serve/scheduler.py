@@ -62,6 +62,8 @@ class Generation:
     # Mirrored work no client waits for: it prefills in small chunks and is cancelled as
     # soon as a client's request is admitted beside it.
     background: bool = False
+    # Sum each sampled token's log-probability, for a routing policy's confidence rule.
+    scores_confidence: bool = False
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Event:
     completion_tokens: int = 0
     queue_seconds: float = 0.0
     error: str = ""
+    mean_logprob: float | None = None  # when the generation scores its confidence
 
 
 Listener = Callable[[Event], None]
@@ -91,6 +94,8 @@ class _Active:
     decoded: list[int] = field(default_factory=list)  # every token now in the KV cells
     pending_token: int | None = None  # sampled, not yet decoded
     generated: int = 0
+    logprob_sum: float = 0.0  # of the tokens sampled so far (end of generation included)
+    sampled: int = 0
     started_at: float = 0.0
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
@@ -384,7 +389,11 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.max_sequences_in_step = max(self.stats.max_sequences_in_step, len(samplers))
         for active, index in samplers:
-            self._accept(active, active.sampler.sample(self.engine, index))
+            token = active.sampler.sample(self.engine, index)
+            if active.generation.scores_confidence:
+                active.logprob_sum += self.engine.logprob(index, token)
+                active.sampled += 1
+            self._accept(active, token)
         self._pacer.observe(generating, len(items) - generating, time.perf_counter() - started)
 
     def _in_slot_order(
@@ -445,6 +454,7 @@ class Scheduler:
                 completion_tokens=active.generated,
                 queue_seconds=active.started_at - active.enqueued_at,
                 error=error,
+                mean_logprob=active.logprob_sum / active.sampled if active.sampled else None,
             ),
         )
 

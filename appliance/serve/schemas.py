@@ -40,6 +40,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    """What the answer must be. The release does not constrain its output to it; the
+    routing policy checks the answer and escalates one that is not a JSON object."""
+
+    model_config = ConfigDict(extra="allow")  # json_schema and the like reach a cold path
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+
+    @property
+    def wants_json(self) -> bool:
+        return self.type != "text"
+
+
 class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -56,6 +69,7 @@ class GenerationParams(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     ignore_eos: bool = False  # a llama.cpp extension, used by benchmarks
+    response_format: ResponseFormat | None = None
 
 
 class ChatRequest(GenerationParams):

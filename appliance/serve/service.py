@@ -32,13 +32,14 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, UsageError
 from appliance.evals.spec import Online, load_spec
 from appliance.paths import AppliancePaths
 from appliance.serve.coldpath import ColdPath
 from appliance.serve.config import ServiceOptions, ServingConfig
 from appliance.serve.egress import Admitted
 from appliance.serve.metrics import ServiceMetrics
+from appliance.serve.policy import RoutingPolicy
 from appliance.serve.rollout import CANARY, SHADOW, STABLE, Route, bucket, judge, unix_time
 from appliance.serve.runtime import ModelRuntime
 from appliance.store.apikeys import active_key_hashes, token_matches
@@ -192,6 +193,15 @@ class Service:
             return
         self._follow_active(db)
         self._follow_rollout(db)
+
+    def policy(self, runtime: ModelRuntime) -> RoutingPolicy:
+        """`runtime`'s signed routing policy with the admin's overrides (`route policy set`
+        checks them; a hand-edited one that does not apply is ignored, and said)."""
+        try:
+            return runtime.policy.with_overrides(self.routing.policy)
+        except UsageError as exc:
+            log.warning("routing policy overrides ignored: %s", exc.message)
+            return runtime.policy
 
     def cold_paths(self) -> list[ColdPath]:
         """The registered cold-path targets, in fallback order (their breakers kept)."""

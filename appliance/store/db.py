@@ -211,6 +211,11 @@ def schema_migrations() -> Migrations:
         )
         db["routing"].insert({"id": 1, "fallback": 0})
 
+    @migrations(name="0007_routing_policy")
+    def add_routing_policy(db: Database) -> None:
+        # An admin's overrides of the release's signed routing policy: a JSON object.
+        db["routing"].add_column("policy", str)
+
     return migrations
 
 

@@ -41,6 +41,7 @@ class LedgerState:
     route_targets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> endpoint
     fallback: bool = False  # every request to the cold path
     incident: bool = False
+    route_policy: dict[str, Any] = field(default_factory=dict)  # an admin's overrides
     trusted: list[str] = field(default_factory=list)  # key ids, unrevoked
     revoked: list[str] = field(default_factory=list)
     threshold: int = 1
@@ -177,6 +178,8 @@ def _apply(state: LedgerState, action: str, target: str, details: dict[str, Any]
         state.fallback = action == "route fallback on"
     elif action in ("incident start", "incident end"):
         state.incident = action == "incident start"
+    elif action in ("route policy set", "route policy unset"):
+        state.route_policy = details.get("policy") or {}
 
 
 def _routing(db: Database) -> dict[str, Any]:
@@ -190,7 +193,18 @@ def _routing(db: Database) -> dict[str, Any]:
         },
         "fallback": bool(row["fallback"]),
         "incident": row["incident"] is not None,
+        "route_policy": policy_overrides(row),
     }
+
+
+def policy_overrides(row: dict[str, Any]) -> dict[str, Any]:
+    """The routing policy overrides a routing row holds ({} for none, or for a value that is
+    not a JSON object: the service then judges by the signed policy alone)."""
+    try:
+        overrides = json.loads(row.get("policy") or "{}")
+    except ValueError:
+        return {}
+    return overrides if isinstance(overrides, dict) else {}
 
 
 def _running_rollout(db: Database) -> dict[str, Any] | None:

@@ -15,10 +15,11 @@ read; the store keeps the file's path, never the key.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,9 +27,10 @@ from urllib.parse import urlsplit
 from sqlite_utils import Database
 
 from appliance.errors import StoreError, UsageError
+from appliance.serve.policy import parse_override
 from appliance.store import audit
 from appliance.store.faults import fault_point
-from appliance.store.ledger import TARGET_FIELDS
+from appliance.store.ledger import TARGET_FIELDS, policy_overrides
 from appliance.store.records import now
 from appliance.store.releases import ReleaseStore
 
@@ -60,6 +62,7 @@ class RoutingState:
     fallback_reason: str | None
     incident: str | None  # the reason, while an incident is open
     incident_started: str | None
+    policy: dict[str, Any] = field(default_factory=dict)  # an admin's policy overrides
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +76,11 @@ def targets(db: Database) -> list[Target]:
 def routing_state(db: Database) -> RoutingState:
     row = next(db.query("SELECT * FROM routing WHERE id = 1"))
     return RoutingState(
-        bool(row["fallback"]), row["fallback_reason"], row["incident"], row["incident_started"]
+        bool(row["fallback"]),
+        row["fallback_reason"],
+        row["incident"],
+        row["incident_started"],
+        policy_overrides(row),
     )
 
 
@@ -203,6 +210,69 @@ def end_incident(store: ReleaseStore, reason: str = "") -> RoutingState:
             audit.append(db, "incident end", "appliance", reason)
             fault_point("routing.in_transaction")
         return routing_state(db)
+
+
+DROPIN_NAME = "cold-paths.conf"  # in /etc/systemd/system/appliance.service.d/
+
+
+def systemd_dropin(registered: list[Target]) -> str:
+    """The drop-in that opens the kernel's boundary to exactly the registered targets.
+
+    Without a target, appliance.service runs with PrivateNetwork=yes: no route anywhere,
+    so no cold path is reachable either. With targets, it leaves that namespace
+    (PrivateNetwork=no) and the kernel's IP filter (IPAddressDeny=any) admits the loopback
+    (clients and the socket systemd passes) and each registered address; the in-process
+    guard also holds each to its port. localhost as a whole is not admitted: 127.0.0.53
+    would reach a resolver, and a name lookup is a packet out."""
+    if not registered:
+        return (
+            "# No cold-path target is registered: appliance.service keeps PrivateNetwork=yes.\n"
+            "# Delete this file, then: systemctl daemon-reload && systemctl restart appliance\n"
+        )
+    addresses = sorted({t.address[0] for t in registered})
+    names = ", ".join(f"{t.name} ({t.url})" for t in registered)
+    return (
+        "# Written by `appliance route units` for the cold-path targets: " + names + ".\n"
+        "# Rewrite it after every `appliance route add` or `remove`, then:\n"
+        "#   systemctl daemon-reload && systemctl restart appliance\n"
+        "[Service]\n"
+        "PrivateNetwork=no\n"
+        "IPAddressDeny=any\n"
+        "IPAddressAllow=\n"
+        f"IPAddressAllow=127.0.0.1 ::1 {' '.join(addresses)}\n"
+    )
+
+
+def set_policy(store: ReleaseStore, key: str, value: str, reason: str) -> dict[str, Any]:
+    """Override one key of the release's signed routing policy (VALUE is JSON)."""
+    change = parse_override(key, value)
+    return _change_policy(store, "route policy set", key, reason, change)
+
+
+def unset_policy(store: ReleaseStore, key: str, reason: str) -> dict[str, Any]:
+    """Drop an override: the release's signed value holds again."""
+    return _change_policy(store, "route policy unset", key, reason, None)
+
+
+def _change_policy(
+    store: ReleaseStore, action: str, key: str, reason: str, change: dict[str, Any] | None
+) -> dict[str, Any]:
+    if not reason.strip():
+        raise UsageError("changing the routing policy needs a reason")
+    with store.admin() as db:
+        overrides = routing_state(db).policy
+        if change is None and key not in overrides:
+            raise StoreError(f"the routing policy has no override of {key}")
+        overrides = {**overrides, **change} if change else _without(overrides, key)
+        with db.atomic():
+            db["routing"].update(1, {"policy": json.dumps(overrides, sort_keys=True)})
+            audit.append(db, action, key, reason, {"policy": overrides})
+            fault_point("routing.in_transaction")
+        return overrides
+
+
+def _without(overrides: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if k != key}
 
 
 def _set_fallback(db: Database, on: bool, reason: str) -> None:

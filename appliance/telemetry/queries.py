@@ -72,3 +72,46 @@ def window_stats(
         ttft_p50=percentile(ttfts, 50),
         ttft_p95=percentile(ttfts, 95),
     )
+
+
+@dataclass(frozen=True)
+class RouteStats:
+    route: str  # "hot" (the release) or "cold:NAME"
+    requests: int
+    errors: int
+    latency_p95: float | None
+    escalations: dict[str, int]  # reason -> requests (route "hot": the cold path failed)
+    cold_tokens: int
+
+
+def route_stats(db: Database, window_seconds: float, now: float | None = None) -> list[RouteStats]:
+    """Client requests of the last `window_seconds` by the path that answered them."""
+    now = time.time() if now is None else now
+    rows = list(
+        db.query(
+            "SELECT COALESCE(route, 'hot') AS route, escalation, status, latency_seconds, "
+            "cold_tokens FROM requests WHERE time >= ? "
+            "AND (role IS NULL OR role IN ('stable', 'canary'))",
+            [now - window_seconds],
+        )
+    )
+    found = []
+    for route in sorted({"hot", *(r["route"] for r in rows)}):
+        mine = [r for r in rows if r["route"] == route]
+        reasons: dict[str, int] = {}
+        for r in mine:
+            if r["escalation"]:
+                reasons[r["escalation"]] = reasons.get(r["escalation"], 0) + 1
+        found.append(
+            RouteStats(
+                route=route,
+                requests=len(mine),
+                errors=sum(1 for r in mine if r["status"] != 200),
+                latency_p95=percentile(
+                    [r["latency_seconds"] for r in mine if r["status"] == 200], 95
+                ),
+                escalations=reasons,
+                cold_tokens=sum(r["cold_tokens"] or 0 for r in mine),
+            )
+        )
+    return found

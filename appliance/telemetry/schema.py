@@ -45,4 +45,11 @@ def telemetry_migrations() -> Migrations:
         # outcomes on the online checks, McNemar's test compares the two releases.
         db["requests"].add_column("stable_checks_failed", int)
 
+    @migrations(name="0004_routes")
+    def add_routes(db: Database) -> None:
+        # Which path answered (hot, cold:NAME), why it escalated, what the cold path cost.
+        db["requests"].add_column("route", str)
+        db["requests"].add_column("escalation", str)
+        db["requests"].add_column("cold_tokens", int)
+
     return migrations

@@ -35,6 +35,9 @@ class RequestRecord:
     checks_failed: int = 0
     agreement: float | None = None  # shadow: similarity of its answer to stable's (0..1)
     stable_checks_failed: int | None = None  # shadow: online checks stable's answer failed
+    route: str = "hot"  # who answered: "hot" (the release) or "cold:NAME"
+    escalation: str | None = None  # why it was sent to a cold path (route "hot": it failed)
+    cold_tokens: int = 0  # tokens the cold path was paid for
 
 
 class TelemetryWriter:
