@@ -190,10 +190,11 @@ def long_prompt(n: int) -> str:
     return "".join(paragraphs) + "Summarise these incidents for the weekly report:"
 
 
-def run_load(base: str, workload: str, clients: int, requests_each: int):
+def run_load(base: str, workload: str, clients: int, requests_each: int, counter: Iterator[int]):
+    """`counter` numbers the prompts: one per server for the whole run, so no prompt comes
+    twice (a repeat would be served from a cache, and measure that instead)."""
     streams: list[Stream] = []
     lock = threading.Lock()
-    counter = itertools.count()
     failures: list[BaseException] = []
 
     def client(index: int) -> None:
@@ -355,13 +356,14 @@ def measure_server(spec: ServerSpec, args, log_dir: Path) -> tuple[list[Measurem
     server = RunningServer(spec, log_dir / f"{spec.name}.log")
     results = []
     try:
-        run_load(server.base, "distinct", 1, 1)  # warm-up
+        counter = itertools.count()
+        run_load(server.base, "distinct", 1, 1, counter)  # warm-up
         for workload in args.workloads:
             for clients in args.clients:
                 # one client makes few tokens a second: more requests, so that its ratio
                 # is not a few seconds of noise (+-3% run to run with 4 requests)
                 each = args.requests * (ONE_CLIENT_FACTOR if clients == 1 else 1)
-                wall, streams = run_load(server.base, workload, clients, each)
+                wall, streams = run_load(server.base, workload, clients, each, counter)
                 m = summarise(spec.name, workload, clients, wall, streams)
                 results.append(m)
                 print(
