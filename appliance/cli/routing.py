@@ -31,8 +31,14 @@ def route() -> None:
 
 @route.command("add")
 @click.argument("name")
-@click.option("--url", required=True, help="http(s)://IP:PORT[/path] of an OpenAI-compatible API.")
-@click.option("--model", required=True, help="The model name that endpoint serves.")
+@click.option("--url", help="http(s)://IP:PORT[/path] of an OpenAI-compatible API.")
+@click.option("--model", help="The model name that endpoint serves (with --url).")
+@click.option(
+    "--release",
+    metavar="NAME@VERSION",
+    help="Instead of --url: an installed release (gated here) that this service loads "
+    "beside the active one and escalates to, with no network.",
+)
 @click.option(
     "--key-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -51,17 +57,21 @@ def route() -> None:
 def add(
     store: ReleaseStore,
     name: str,
-    url: str,
-    model: str,
+    url: str | None,
+    model: str | None,
     key_file: Path | None,
     cost_per_1k_tokens: float,
+    release: str | None,
     reason: str,
     as_json: bool,
 ) -> None:
-    """Register NAME, a cold-path endpoint inside this network, after those registered
-    before it (fallbacks are tried in that order)."""
-    target = routing.add_target(store, name, url, model, key_file, cost_per_1k_tokens, reason)
-    report_done(as_json, {"target": target.as_dict()}, f"registered {name}: {target.url} ({model})")
+    """Register NAME, a cold-path target after those registered before it (fallbacks are
+    tried in that order): an endpoint inside this network, or an installed release."""
+    target = routing.add_target(
+        store, name, url, model, key_file, cost_per_1k_tokens, reason, release
+    )
+    where = f"release {release}, served here" if release else f"{target.url} ({model})"
+    report_done(as_json, {"target": target.as_dict()}, f"registered {name}: {where}")
 
 
 @route.command("remove")
@@ -87,7 +97,8 @@ def status(store: ReleaseStore, as_json: bool) -> None:
         return
     for target in targets:
         key = f", key in {target.key_file}" if target.key_file else ""
-        click.echo(f"{target.position}. {target.name}: {target.url} ({target.model}{key})")
+        where = f"release {target.release}, served here" if target.release else target.url
+        click.echo(f"{target.position}. {target.name}: {where} ({target.model}{key})")
     if not targets:
         click.echo("no cold-path target registered: everything is answered here")
     mode = f"everything to the fallback ({state.fallback_reason})" if state.fallback else "policy"

@@ -20,8 +20,10 @@ from appliance.evals.runner import (
 )
 from appliance.evals.spec import EvalSpec, load_spec
 from appliance.serve.coldpath import ColdPath
-from appliance.serve.config import ServingConfig
+from appliance.serve.config import ServiceOptions, ServingConfig
+from appliance.serve.localpath import LocalRelease
 from appliance.serve.policy import RoutingPolicy
+from appliance.serve.runtime import ModelRuntime
 from appliance.store.gate import host_id
 from appliance.store.records import Release
 from appliance.store.releases import ReleaseStore
@@ -97,12 +99,22 @@ def evaluate_release(
 @contextmanager
 def routing_for(store: ReleaseStore, release: Release) -> Iterator[Routing]:
     """How the service would route the release's requests now: its signed policy, the
-    admin's overrides and the registered cold paths (closed when the block ends)."""
+    admin's overrides and the registered cold paths (a release target is verified and
+    loaded here, one slot); all closed when the block ends."""
     with store.reading() as db:
         state, registered = routing_state(db), targets(db)
+        local = {t.name: store.release(db, t.release) for t in registered if t.release}
     signed = ServingConfig.from_release_dir(Path(release.path)).routing_policy()
-    routing = Routing(signed.with_overrides(state.policy), [ColdPath(t) for t in registered])
+    routing = Routing(signed.with_overrides(state.policy))
     try:
+        for target in registered:
+            if target.release:
+                runtime = ModelRuntime.from_release(
+                    store, local[target.name], ServiceOptions(slots=1, max_queue=64)
+                )
+                routing.cold_paths.append(LocalRelease(target, runtime))
+            else:
+                routing.cold_paths.append(ColdPath(target))
         yield routing
     finally:
         for cold in routing.cold_paths:

@@ -30,6 +30,7 @@ from appliance.serve.config import (
     ServiceOptions,
     ServingConfig,
 )
+from appliance.serve.localpath import LocalRelease
 from appliance.serve.policy import RoutingPolicy
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, Generation
@@ -62,7 +63,7 @@ class Routing:
     registered, the report still says which cases the policy would escalate."""
 
     policy: RoutingPolicy
-    cold_paths: list[ColdPath] = field(default_factory=list)
+    cold_paths: list[ColdPath | LocalRelease] = field(default_factory=list)
 
     def before(self, case: Case, generation: Generation, context: int) -> str | None:
         return self.policy.before(_case_text(case), len(generation.prompt_tokens), context, False)

@@ -14,6 +14,8 @@ from appliance.serve.engine import Engine, EngineConfig
 from appliance.serve.policy import RoutingPolicy
 from appliance.serve.probe import probe_model
 from appliance.serve.scheduler import Generation, Scheduler
+from appliance.store.records import Release
+from appliance.store.releases import ReleaseStore
 
 
 @dataclass
@@ -53,6 +55,26 @@ class ModelRuntime:
         template = serving.chat_template or engine.chat_template()
         chat = ChatFormatter(engine, template)
         return cls(model_id, manifest_sha256, serving, engine, scheduler, chat, policy)
+
+    @classmethod
+    def from_release(
+        cls,
+        store: ReleaseStore,
+        release: Release,
+        options: ServiceOptions,
+        compute: concurrent.futures.Executor | None = None,
+    ) -> ModelRuntime:
+        """Verify an installed release against the trust store, then load it."""
+        store.verify_installed(release)  # ready only with a verified release
+        path = Path(release.path)
+        return cls.load(
+            release.ref,
+            release.manifest_sha256,
+            path / "model.gguf",
+            ServingConfig.from_release_dir(path),
+            options,
+            compute,
+        )
 
     # -- preparing a generation: one path for the API, a shadow's copy and the eval runner --
 

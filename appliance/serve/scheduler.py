@@ -31,7 +31,7 @@ COPY_MIN_TOKENS = 32
 # While streams are generating, a step that also prefills a prompt may take at most this
 # many times as long as a step that only decodes.
 STALL_FACTOR = 4.0
-MIN_PREFILL_CHUNK = 128  # see PrefillPacer
+MIN_PREFILL_CHUNK = 64  # see PrefillPacer
 YIELD_SECONDS = 0.005  # how long a shadow waits before it looks at the primary again
 # A step of mirrored work only (a shadow's copies, stable's replay of one) prefills at most
 # this many tokens, so a client's request that arrives mid-step waits for tens of
@@ -133,12 +133,11 @@ class PrefillPacer:
     prefill chunk is sized so that a step stays within STALL_FACTOR decode-only steps: a
     1,500-token prompt then spreads over many steps instead of stopping every running
     stream for ~0.9 s per 512-token chunk. With nothing generating, a prompt gets the
-    whole batch. A chunk is never under MIN_PREFILL_CHUNK: each step that carries one also
-    decodes the running streams, and at 64 tokens that overhead and the small batch's
-    lower efficiency made 16 clients of long and short prompts take ~20% longer than at
-    128 (in-process, Gemma 3 270M on 2 cores: 74 s against 58 s). Here the floor is what
-    binds (a 128-token step with 8 streams is ~250 ms, ~7 decode-only steps); on a
-    faster CPU the stall factor does."""
+    whole batch. A chunk is never under MIN_PREFILL_CHUNK, and here the floor is what
+    binds: at ~1,000 tokens of context a token of prefill costs ~2-3 ms on 2 cores, so a
+    64-token chunk beside 7 streams is a ~230 ms step (~6 decode-only steps). 128 would
+    prefill ~20% faster (16 clients of long and short prompts, in-process: 58 s against
+    74 s) at the price of ~300-390 ms steps, so running streams would pause longer."""
 
     SMOOTHING = 0.2
 

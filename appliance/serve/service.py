@@ -38,6 +38,7 @@ from appliance.paths import AppliancePaths
 from appliance.serve.coldpath import ColdPath
 from appliance.serve.config import ServiceOptions, ServingConfig
 from appliance.serve.egress import Admitted
+from appliance.serve.localpath import LocalRelease
 from appliance.serve.metrics import ServiceMetrics
 from appliance.serve.policy import RoutingPolicy
 from appliance.serve.rollout import CANARY, SHADOW, STABLE, Route, bucket, judge, unix_time
@@ -53,7 +54,7 @@ from appliance.store.rollouts import (
     record_check,
     running_rollout,
 )
-from appliance.store.routing import RoutingState, routing_state, targets
+from appliance.store.routing import RoutingState, Target, routing_state, targets
 from appliance.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger("appliance.serve")
@@ -83,7 +84,8 @@ class Service:
         self.load_failure: str | None = None  # why it failed, for /readyz and the log
         self.api_key_hashes: tuple[str, ...] = ()
         self.routing = RoutingState(False, None, None, None)  # the store's switches
-        self._cold: list[ColdPath] = []  # the registered cold-path targets, in order
+        self._cold: list[ColdPath | LocalRelease] = []  # the cold paths, in fallback order
+        self._routed_targets: list[Target] | None = None  # what _cold was opened from
         self._keys_read_at = 0.0  # time.monotonic() of the last read prompted by a key
         self.metrics = ServiceMetrics(self._queue_depth, self._busy_slots)
         self.telemetry = TelemetryWriter(
@@ -170,9 +172,9 @@ class Service:
         for runtime in (self._candidate, self._runtime):
             if runtime is not None:
                 runtime.close()
-        self.compute.shutdown()
         for cold in self._cold:
             cold.close()
+        self.compute.shutdown()
         self.telemetry.close()
 
     # -- watching the store ----------------------------------------------------------
@@ -203,19 +205,36 @@ class Service:
             log.warning("routing policy overrides ignored: %s", exc.message)
             return runtime.policy
 
-    def cold_paths(self) -> list[ColdPath]:
+    def cold_paths(self) -> list[ColdPath | LocalRelease]:
         """The registered cold-path targets, in fallback order (their breakers kept)."""
         return self._cold
 
     def _follow_routing(self, db: Database) -> None:
         self.routing = routing_state(db)
         registered = targets(db)
-        if registered != [cold.target for cold in self._cold]:
-            kept = {cold.target: cold for cold in self._cold}
-            timeout = self.options.request_timeout_seconds
-            self.egress.set({t.address for t in registered})
-            self._cold = [kept.get(t) or ColdPath(t, timeout) for t in registered]
-            log.info("cold-path targets: %s", [t.name for t in registered] or "none")
+        if registered == self._routed_targets:
+            return
+        self._routed_targets = registered
+        kept = {cold.target: cold for cold in self._cold}
+        self.egress.set({t.address for t in registered if t.address})
+        opened = [kept.pop(t, None) or self._open_cold_path(db, t) for t in registered]
+        self._cold = [cold for cold in opened if cold is not None]
+        for unregistered in kept.values():
+            unregistered.close()
+        log.info("cold-path targets: %s", [c.target.name for c in self._cold] or "none")
+
+    def _open_cold_path(self, db: Database, target: Target) -> ColdPath | LocalRelease | None:
+        """An endpoint's client, or a release loaded beside the active one (None, and said
+        in the log, when it cannot be verified or loaded: retried when the targets change)."""
+        timeout = self.options.request_timeout_seconds
+        if not target.release:
+            return ColdPath(target, timeout)
+        try:
+            release = self.store.release(db, target.release)
+            return LocalRelease(target, self._load(release), timeout)
+        except Exception as exc:
+            log.error("cold-path release %s cannot serve: %s", target.release, exc)
+            return None
 
     def _follow_active(self, db: Database) -> None:
         active = self.store.release_by_id(db, self.store.state(db).active_id)
@@ -324,16 +343,7 @@ class Service:
         self._swap(runtime)
 
     def _load(self, release: Release) -> ModelRuntime:
-        self.store.verify_installed(release)  # ready only with a verified release
-        path = Path(release.path)
-        return ModelRuntime.load(
-            release.ref,
-            release.manifest_sha256,
-            path / "model.gguf",
-            ServingConfig.from_release_dir(path),
-            self.options,
-            self.compute,
-        )
+        return ModelRuntime.from_release(self.store, release, self.options, self.compute)
 
     def _swap(self, runtime: ModelRuntime) -> None:
         with self._lock:

@@ -211,10 +211,13 @@ def schema_migrations() -> Migrations:
         )
         db["routing"].insert({"id": 1, "fallback": 0})
 
-    @migrations(name="0007_routing_policy")
+    @migrations(name="0007_routing_policy_and_release_targets")
     def add_routing_policy(db: Database) -> None:
         # An admin's overrides of the release's signed routing policy: a JSON object.
         db["routing"].add_column("policy", str)
+        # A cold path that is another installed release on this host (NAME@VERSION; its
+        # url is then empty), served by this service beside the active one.
+        db["route_targets"].add_column("release", str)
 
     return migrations
 

@@ -23,7 +23,7 @@ from appliance.trust.truststore import TrustStore
 
 SNAPSHOT_ACTION = "audit snapshot"
 REPORT_FIELDS = ("manifest_sha256", "spec_hash", "host", "passed", "report_sha256")
-TARGET_FIELDS = ("url", "model", "key_file", "cost_per_1k_tokens", "position")
+TARGET_FIELDS = ("url", "model", "key_file", "cost_per_1k_tokens", "position", "release")
 
 
 @dataclass
@@ -188,7 +188,7 @@ def _routing(db: Database) -> dict[str, Any]:
     row = next(db.query("SELECT * FROM routing WHERE id = 1"))
     return {
         "route_targets": {
-            r["name"]: {k: r[k] for k in TARGET_FIELDS}
+            r["name"]: {k: r.get(k) for k in TARGET_FIELDS}
             for r in db.query("SELECT * FROM route_targets")
         },
         "fallback": bool(row["fallback"]),

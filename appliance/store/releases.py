@@ -249,6 +249,12 @@ class ReleaseStore:
                 raise StoreError(f"{ref} is the previous good release, kept for rollback")
             if release_in_rollout(db, release):
                 raise StoreError(f"{ref} is in a running rollout; abort it first")
+            routed = [r["name"] for r in db.query("SELECT * FROM route_targets")
+                      if r.get("release") == ref]  # fmt: skip
+            if routed:
+                raise StoreError(
+                    f"{ref} is the cold-path target {routed[0]}; route remove it first"
+                )
             with db.atomic():
                 db["releases"].delete(release.id)
                 # Its reports go with it: they judged bytes that are no longer here.

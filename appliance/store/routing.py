@@ -46,9 +46,13 @@ class Target:
     cost_per_1k_tokens: float  # what a thousand tokens there cost, for cost per task
     position: int  # fallbacks are tried in this order
     registered: str
+    release: str | None = None  # NAME@VERSION: an installed release, served here (no url)
 
     @property
-    def address(self) -> tuple[str, int]:
+    def address(self) -> tuple[str, int] | None:
+        """Where the endpoint listens; None for a release served on this host."""
+        if self.release:
+            return None
         parts = urlsplit(self.url)
         return str(parts.hostname), int(parts.port or 0)
 
@@ -118,29 +122,37 @@ def check_key_file(path: Path) -> str:
 def add_target(
     store: ReleaseStore,
     name: str,
-    url: str,
-    model: str,
+    url: str | None,
+    model: str | None,
     key_file: Path | None = None,
     cost_per_1k_tokens: float = 0.0,
     reason: str = "",
+    release: str | None = None,
 ) -> Target:
-    """Register a cold-path endpoint, tried after those registered before it."""
+    """Register a cold-path target, tried after those registered before it: an endpoint
+    (`url`, serving `model`), or an installed `release` that this host serves beside the
+    active one (it must have passed its eval gate here, as for activation)."""
     if not TARGET_NAME.match(name):
         raise UsageError(f"target name {name!r}: lowercase letters, digits, - and _ only")
-    if not model.strip():
+    if (url is None) == (release is None):
+        raise UsageError("give exactly one of --url (an endpoint) or --release (NAME@VERSION)")
+    if url is not None and not (model or "").strip():
         raise UsageError("give the model name the endpoint serves (--model)")
     if cost_per_1k_tokens < 0:
         raise UsageError("--cost-per-1k-tokens cannot be negative")
     row = {
         "name": name,
-        "url": check_endpoint_url(url),
-        "model": model,
-        "key_file": check_key_file(key_file) if key_file else None,
+        "url": check_endpoint_url(url) if url is not None else "",
+        "model": model if url is not None else release,
+        "key_file": check_key_file(key_file) if key_file and url is not None else None,
         "cost_per_1k_tokens": cost_per_1k_tokens,
+        "release": release,
     }
     with store.admin() as db:
         if db["route_targets"].count_where("name = ?", [name]):
             raise StoreError(f"a cold-path target named {name} is registered already")
+        if release is not None:
+            store.check_activatable(db, store.release(db, release))
         last = db.execute("SELECT MAX(position) FROM route_targets").fetchone()[0]
         row |= {"position": (last or 0) + 1, "registered": now()}
         with db.atomic():
@@ -224,12 +236,13 @@ def systemd_dropin(registered: list[Target]) -> str:
     (clients and the socket systemd passes) and each registered address; the in-process
     guard also holds each to its port. localhost as a whole is not admitted: 127.0.0.53
     would reach a resolver, and a name lookup is a packet out."""
+    registered = [t for t in registered if t.address]  # a local release needs no network
     if not registered:
         return (
-            "# No cold-path target is registered: appliance.service keeps PrivateNetwork=yes.\n"
+            "# No cold-path endpoint is registered: appliance.service keeps PrivateNetwork=yes.\n"
             "# Delete this file, then: systemctl daemon-reload && systemctl restart appliance\n"
         )
-    addresses = sorted({t.address[0] for t in registered})
+    addresses = sorted({t.address[0] for t in registered if t.address})
     names = ", ".join(f"{t.name} ({t.url})" for t in registered)
     return (
         "# Written by `appliance route units` for the cold-path targets: " + names + ".\n"
