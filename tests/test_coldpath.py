@@ -4,6 +4,7 @@ llama-cpp-python's own server, on loopback, serving another tiny model."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -238,6 +239,7 @@ def test_the_policy_escalates_by_each_rule_and_telemetry_names_the_route(
             'appliance_route_requests_total{escalation="refusal",route="hot",status="200"}'
             in metrics
         )
+        assert re.search(r'^appliance_cold_tokens_total\{route="cold:big"\} [1-9]', metrics, re.M)
         db = sqlite3.connect(appliance_paths().state_db)
 
         def rows() -> set:

@@ -53,6 +53,13 @@ class ServiceMetrics:
             ["route", "escalation", "status"],
             registry=r,
         )
+        self.cold_tokens = Counter(
+            "appliance_cold_tokens",
+            "Tokens a cold path was paid for (prompt and completion), by route: times its "
+            "price per 1k tokens (route status) is what the route cost",
+            ["route"],
+            registry=r,
+        )
         self.route_latency = Histogram(
             "appliance_route_latency_seconds",
             "Latency of answered client requests by the path that answered",
@@ -91,8 +98,12 @@ class ServiceMetrics:
             registry=r,
         )
 
-    def count_route(self, path: str, escalation: str | None, status: int, seconds: float) -> None:
+    def count_route(
+        self, path: str, escalation: str | None, status: int, seconds: float, cold_tokens: int
+    ) -> None:
         """A client's request by the path that answered it and why it escalated."""
+        if cold_tokens:
+            self.cold_tokens.labels(route=path).inc(cold_tokens)
         self.route_requests.labels(
             route=path, escalation=escalation or "none", status=str(status)
         ).inc()

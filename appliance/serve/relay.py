@@ -330,7 +330,9 @@ def record(
     failed = sum(1 for check in checks if not check.passes(text or ""))
     if route.role not in MIRRORED:
         service.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        service.metrics.count_route(routed.path, routed.escalation, status, now - arrived)
+        service.metrics.count_route(
+            routed.path, routed.escalation, status, now - arrived, routed.cold_tokens
+        )
     service.metrics.by_release.labels(release=release, role=route.role, status=str(status)).inc()
     if failed:
         service.metrics.check_failures.labels(release=release, role=route.role).inc()

@@ -242,7 +242,7 @@ def systemd_dropin(registered: list[Target]) -> str:
             "# No cold-path endpoint is registered: appliance.service keeps PrivateNetwork=yes.\n"
             "# Delete this file, then: systemctl daemon-reload && systemctl restart appliance\n"
         )
-    addresses = sorted({t.address[0] for t in registered if t.address})
+    addresses = sorted({t.address[0] for t in registered if t.address} - {"127.0.0.1", "::1"})
     names = ", ".join(f"{t.name} ({t.url})" for t in registered)
     return (
         "# Written by `appliance route units` for the cold-path targets: " + names + ".\n"
@@ -252,7 +252,7 @@ def systemd_dropin(registered: list[Target]) -> str:
         "PrivateNetwork=no\n"
         "IPAddressDeny=any\n"
         "IPAddressAllow=\n"
-        f"IPAddressAllow=127.0.0.1 ::1 {' '.join(addresses)}\n"
+        f"IPAddressAllow={' '.join(['127.0.0.1', '::1', *addresses])}\n"
     )
 
 
