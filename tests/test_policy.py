@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 from conftest import json_runner, write_bundle_dir
+from test_evals import tiny_release
 from test_store import audit_actions
 
 from appliance.bundler.spec import load_bundle_spec
@@ -115,3 +116,30 @@ def test_an_admin_overrides_the_signed_policy_audited(run_cli, tiny_bundle):
     db.commit()
     code, error = cli("audit", "verify")
     assert code == 25 and "route policy differ" in error["error"]
+
+
+def test_calibrate_sets_the_confidence_threshold_from_the_eval_cases(
+    run_cli, trusted_key, tmp_path, tiny_gguf
+):
+    """`route calibrate` scores the release's own eval cases on its model: the threshold
+    escalates the asked share of them, and --apply makes it the audited override. It reads
+    nothing of a release that no longer verifies."""
+    cli = json_runner(run_cli)
+    ref = tiny_release(cli, tmp_path, tiny_gguf, 0.0, "1.0.0", 1, max_tokens=16)
+    assert cli("route", "calibrate", ref, "--rate", "1.5")[0] == 2
+    assert cli("route", "calibrate", ref, "--apply")[0] == 3  # a policy change needs a reason
+    code, found = cli("route", "calibrate", ref, "--rate", "0.34")
+    assert code == 0, found
+    assert found["cases"] == 3 and found["escalation_rate"] == pytest.approx(1 / 3)
+    spread = found["mean_logprob"]
+    assert spread["min"] < found["min_mean_logprob"] <= spread["max"] < 0
+    assert cli("route", "policy")[1]["overrides"] == {}  # not applied without --apply
+    code, applied = cli("route", "calibrate", ref, "--rate", "0.34", "--apply", "--reason", "x")
+    assert code == 0 and applied["overrides"] == {"min_mean_logprob": applied["min_mean_logprob"]}
+    assert audit_actions(cli)[-1] == "route policy set" and cli("audit", "verify")[0] == 0
+
+    spec = appliance_paths().releases_dir / "demo" / "1.0.0" / "eval" / "spec.toml"
+    spec.chmod(0o644)
+    spec.write_text(spec.read_text().replace("seed = 7", "seed = 8"))
+    code, refused = cli("route", "calibrate", ref)
+    assert code == 13 and "spec.toml" in refused["error"]

@@ -208,7 +208,7 @@ def policy_unset(store: ReleaseStore, key: str, reason: str, as_json: bool) -> N
 @click.argument("ref", metavar="NAME@VERSION", required=False)
 @click.option(
     "--rate",
-    type=float,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=0.1,
     show_default=True,
     help="The share of requests to escalate for low confidence.",
@@ -223,20 +223,19 @@ def calibrate(
     """Derive the confidence threshold (min_mean_logprob) that escalates --rate of the eval
     cases of NAME@VERSION (default: the active release), run here on its model; with
     --apply, set it as the policy's override."""
-    with store.reading() as db:
-        release = (
-            store.release(db, ref) if ref else store.release_by_id(db, store.state(db).active_id)
-        )
-    if release is None:
-        raise UsageError("no release is active: name one (NAME@VERSION)")
     if apply and not reason.strip():
         raise UsageError("--apply changes the routing policy: give a --reason")
-    from appliance.evals.evaluate import calibrate_confidence  # loads llama.cpp: only here
-    from appliance.evals.spec import load_spec
+    if ref is None:
+        with store.reading() as db:
+            active = store.release_by_id(db, store.state(db).active_id)
+        if active is None:
+            raise UsageError("no release is active: name one (NAME@VERSION)")
+        ref = active.ref
+    from appliance.evals.evaluate import calibrate_confidence, plan_evaluation  # llama.cpp
 
-    cases = len(load_spec(Path(release.path)).cases)
-    with progress_bar(cases, "scoring confidence", enabled=not as_json) as update:
-        found = calibrate_confidence(store, release, rate, update)
+    plan = plan_evaluation(store, ref, None)  # verifies the release before reading its spec
+    with progress_bar(plan.case_runs, "scoring confidence", enabled=not as_json) as update:
+        found = calibrate_confidence(plan, rate, update)
     if apply:
         threshold = json.dumps(found["min_mean_logprob"])
         found["overrides"] = routing.set_policy(store, "min_mean_logprob", threshold, reason)

@@ -19,11 +19,9 @@ from appliance.evals.runner import (
     run_over_http,
 )
 from appliance.evals.spec import EvalSpec, load_spec
-from appliance.serve.coldpath import ColdPath
 from appliance.serve.config import ServiceOptions, ServingConfig
-from appliance.serve.localpath import LocalRelease
+from appliance.serve.localpath import open_cold_path
 from appliance.serve.policy import RoutingPolicy
-from appliance.serve.runtime import ModelRuntime
 from appliance.store.gate import host_id
 from appliance.store.records import Release
 from appliance.store.releases import ReleaseStore
@@ -101,20 +99,14 @@ def routing_for(store: ReleaseStore, release: Release) -> Iterator[Routing]:
     """How the service would route the release's requests now: its signed policy, the
     admin's overrides and the registered cold paths (a release target is verified and
     loaded here, one slot); all closed when the block ends."""
-    with store.reading() as db:
-        state, registered = routing_state(db), targets(db)
-        local = {t.name: store.release(db, t.release) for t in registered if t.release}
     signed = ServingConfig.from_release_dir(Path(release.path)).routing_policy()
-    routing = Routing(signed.with_overrides(state.policy))
+    routing = Routing(signed)
     try:
-        for target in registered:
-            if target.release:
-                runtime = ModelRuntime.from_release(
-                    store, local[target.name], ServiceOptions(slots=1, max_queue=64)
-                )
-                routing.cold_paths.append(LocalRelease(target, runtime))
-            else:
-                routing.cold_paths.append(ColdPath(target))
+        with store.reading() as db:
+            routing.policy = signed.with_overrides(routing_state(db).policy)
+            options = ServiceOptions(slots=1, max_queue=64)
+            for target in targets(db):
+                routing.cold_paths.append(open_cold_path(target, store, db, options))
         yield routing
     finally:
         for cold in routing.cold_paths:
@@ -122,19 +114,18 @@ def routing_for(store: ReleaseStore, release: Release) -> Iterator[Routing]:
 
 
 def calibrate_confidence(
-    store: ReleaseStore, release: Release, rate: float, progress: Progress | None = None
+    plan: EvalPlan, rate: float, progress: Progress | None = None
 ) -> dict[str, Any]:
-    """The min_mean_logprob under which `rate` of the release's eval cases fall: each case
+    """The min_mean_logprob under which `rate` of the planned release's eval cases fall: each case
     runs here (no cold path) with its confidence scored, and the threshold is the value at
     that quantile, as RouteLLM calibrates its router on a labelled set. Also how often the
     cases it would escalate fail, against those it would keep: a threshold that escalates
     the failures is worth its cost."""
     if not 0 < rate < 1:
         raise UsageError("--rate must be between 0 and 1 (the share of requests to escalate)")
-    store.verify_installed(release)
-    spec = load_spec(Path(release.path))
+    release = plan.release  # verified by plan_evaluation
     scoring = Routing(RoutingPolicy(min_mean_logprob=-float("inf")))  # scores, never escalates
-    run = run_in_process(spec, Path(release.path), progress, scoring)
+    run = run_in_process(plan.spec, Path(release.path), progress, scoring)
     scored = sorted(
         (c for c in run.cases if c.mean_logprob is not None), key=lambda c: c.mean_logprob
     )

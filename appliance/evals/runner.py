@@ -21,7 +21,7 @@ from appliance.errors import ApplianceError, EvalTargetError, PromptTooLong
 from appliance.evals.host import HostMonitor, HostState
 from appliance.evals.scorers import SCORERS
 from appliance.evals.spec import Case, EvalSpec
-from appliance.serve.coldpath import ColdPath, ColdPathError, Kind
+from appliance.serve.coldpath import AnyColdPath, ColdAnswer, Kind, first_answer
 from appliance.serve.config import (
     ESCALATION_HEADER,
     MANIFEST_HEADER,
@@ -30,7 +30,6 @@ from appliance.serve.config import (
     ServiceOptions,
     ServingConfig,
 )
-from appliance.serve.localpath import LocalRelease
 from appliance.serve.policy import RoutingPolicy
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, Generation
@@ -63,7 +62,7 @@ class Routing:
     registered, the report still says which cases the policy would escalate."""
 
     policy: RoutingPolicy
-    cold_paths: list[ColdPath | LocalRelease] = field(default_factory=list)
+    cold_paths: list[AnyColdPath] = field(default_factory=list)
 
     def before(self, case: Case, generation: Generation, context: int) -> str | None:
         return self.policy.before(_case_text(case), len(generation.prompt_tokens), context, False)
@@ -72,20 +71,10 @@ class Routing:
         wants_json = bool({"json_valid", "json_schema"} & set(case.scorers))
         return self.policy.after(output, event.mean_logprob, wants_json)
 
-    def ask_cold(self, spec: EvalSpec, case: Case) -> tuple[str, str, int, float] | None:
-        """(route, answer, completion tokens, cost) from the first cold path that answers."""
-        kind, body = _cold_request(spec, case)
-        for cold in self.cold_paths:
-            try:
-                answer = cold.complete(kind, body)
-            except ColdPathError:
-                continue
-            choice = (answer.get("choices") or [{}])[0]
-            text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
-            used = answer.get("usage") or {}
-            cost = int(used.get("total_tokens") or 0) / 1000 * cold.target.cost_per_1k_tokens
-            return f"cold:{cold.target.name}", text, int(used.get("completion_tokens") or 0), cost
-        return None
+    def ask_cold(self, spec: EvalSpec, case: Case) -> ColdAnswer | None:
+        """The first cold path's answer to the case, as the service would ask it."""
+        found = first_answer(self.cold_paths, *_cold_request(spec, case))
+        return None if isinstance(found, str) else found
 
 
 @dataclass(frozen=True)
@@ -166,25 +155,27 @@ def _run_on_runtime(
         in_flight.release()
         progress(1)
 
-    def escalate(case: Case, reason: str, started: float, hot: CaseResult | None) -> None:
-        """The cold path's answer, scored; if none answers, the release's (generated now
-        when the policy escalated before generating)."""
+    def escalate(case: Case, reason: str, started: float, hot: CaseResult | Generation) -> None:
+        """The cold path's answer, scored; if none answers, the release's: its result, or
+        its generation run now when the policy escalated before generating."""
         assert routing is not None
         try:
             answered = routing.ask_cold(spec, case)
         except Exception:  # an odd answer must not hang the run: the release answers
             log.exception("eval case %s: the cold path's answer could not be read", case.id)
             answered = None
-        if answered is None and hot is None:
-            generate(case, started, _generation(spec, runtime, case, routing), reason)
+        if answered is None and isinstance(hot, Generation):
+            generate(case, started, hot, reason)
             return
         if answered is None:
             finish(replace(hot, escalation=reason))
             return
-        route, text, tokens, cost = answered
+        choice = (answered.answer.get("choices") or [{}])[0]
+        text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
+        tokens = int((answered.answer.get("usage") or {}).get("completion_tokens") or 0)
         latency = (time.monotonic() - started) * 1000
         scored = score_case(case, text, latency, None, tokens)
-        finish(replace(scored, route=route, escalation=reason, cold_cost=cost))
+        finish(replace(scored, route=answered.route, escalation=reason, cold_cost=answered.cost))
 
     def generate(
         case: Case, started: float, generation: Generation, escalated: str | None = None
@@ -215,7 +206,7 @@ def _run_on_runtime(
         context = runtime.engine.context_per_slot
         reason = routing.before(case, generation, context) if routing else None
         if reason is not None and routing.cold_paths:
-            cold_calls.submit(escalate, case, reason, started, None)
+            cold_calls.submit(escalate, case, reason, started, generation)
         else:
             generate(case, started, generation, reason)
 

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from appliance import __version__
 from appliance.errors import ChatTemplateError, PromptTooLong
 from appliance.serve.api_errors import ApiError, install_error_handlers, send_error
-from appliance.serve.coldpath import ColdPathError
+from appliance.serve.coldpath import first_answer
 from appliance.serve.config import (
     ESCALATION_HEADER,
     MANIFEST_HEADER,
@@ -232,26 +232,20 @@ async def _escalate(
     telemetry under `hot`'s release; None when none does (`routed` then says why). The
     breakers skip an unhealthy target at once."""
     asked = body.model_dump(exclude_none=True, exclude=NOT_FORWARDED)
-    routed.escalation, failures = reason, []
-    for cold in service.cold_paths():
-        try:
-            answer = await run_in_threadpool(
-                cold.complete, "chat" if kind == "chat.completion" else "completion", asked
-            )
-        except ColdPathError as exc:
-            failures.append(exc.message)
-            continue
-        routed.path = f"cold:{cold.target.name}"
-        routed.cold_tokens = int((answer.get("usage") or {}).get("total_tokens") or 0)
-        record(service, hot, kind, 200, arrived, routed=routed)
-        headers = {ROUTE_HEADER: routed.path, ESCALATION_HEADER: reason}
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _as_events(answer, kind, usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        return JSONResponse(answer, headers=headers)
-    routed.failure = "; ".join(failures)
-    return None
+    routed.escalation = reason
+    cold_kind = "chat" if kind == "chat.completion" else "completion"
+    found = await run_in_threadpool(first_answer, service.cold_paths(), cold_kind, asked)
+    if isinstance(found, str):
+        routed.failure = found
+        return None
+    routed.path, routed.cold_tokens = found.route, found.tokens
+    record(service, hot, kind, 200, arrived, routed=routed)
+    headers = {ROUTE_HEADER: routed.path, ESCALATION_HEADER: reason}
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _as_events(found.answer, kind, usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return JSONResponse(found.answer, headers=headers)
 
 
 async def _as_events(answer: dict[str, Any], kind: str, include_usage: bool):

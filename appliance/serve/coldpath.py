@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -123,9 +124,12 @@ class ColdPath:
         if response.status_code != 200:
             raise ColdPathError(f"cold path {self.target.name}: HTTP {response.status_code}")
         try:
-            return response.json()
+            answer = response.json()
         except ValueError as exc:
             raise ColdPathError(f"cold path {self.target.name}: not JSON") from exc
+        if not isinstance(answer, dict):
+            raise ColdPathError(f"cold path {self.target.name}: not a JSON object")
+        return answer
 
     def _headers(self) -> dict[str, str]:
         """Its API key, read from the owner-only file at each call (so a rotated key
@@ -137,3 +141,47 @@ class ColdPath:
         except OSError as exc:
             raise ColdPathError(f"cold path {self.target.name}: cannot read its key") from exc
         return {"Authorization": f"Bearer {key}"}
+
+
+class AnyColdPath(Protocol):
+    """A ColdPath (an endpoint) or a LocalRelease (an installed release served here)."""
+
+    target: Target
+
+    def complete(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ColdAnswer:
+    target: Target
+    answer: dict[str, Any]  # OpenAI-shaped
+
+    @property
+    def route(self) -> str:
+        return f"cold:{self.target.name}"
+
+    @property
+    def tokens(self) -> int:
+        """What the cold path was paid for: prompt and completion tokens."""
+        return int((self.answer.get("usage") or {}).get("total_tokens") or 0)
+
+    @property
+    def cost(self) -> float:
+        return self.tokens / 1000 * self.target.cost_per_1k_tokens
+
+
+def first_answer(
+    cold_paths: Sequence[AnyColdPath], kind: Kind, body: dict[str, Any]
+) -> ColdAnswer | str:
+    """The answer of the first cold path, in fallback order, that gives one; or, when none
+    does, why (an open breaker refuses at once). Blocks: call it off the event loop and
+    off a scheduler's thread."""
+    failures = []
+    for cold in cold_paths:
+        try:
+            return ColdAnswer(cold.target, cold.complete(kind, body))
+        except ColdPathError as exc:
+            failures.append(exc.message)
+    return "; ".join(failures)

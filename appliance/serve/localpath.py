@@ -8,19 +8,40 @@ behind the same kind of circuit breaker, so the API and the eval gate treat the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 import uuid
 from dataclasses import replace
 from typing import Any
 
+from sqlite_utils import Database
+
 from appliance.errors import PromptTooLong
-from appliance.serve.coldpath import CircuitBreaker, ColdPathError, Kind
+from appliance.serve.coldpath import CircuitBreaker, ColdPath, ColdPathError, Kind
+from appliance.serve.config import ServiceOptions
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, QueueFull, SchedulerDown, Unloading
+from appliance.store.releases import ReleaseStore
 from appliance.store.routing import Target
 
 ASKED_SAMPLING = ("temperature", "top_p", "seed")  # what a forwarded request may set
+
+
+def open_cold_path(
+    target: Target,
+    store: ReleaseStore,
+    db: Database,
+    options: ServiceOptions,
+    compute: concurrent.futures.Executor | None = None,
+    timeout_seconds: float = 60.0,
+) -> ColdPath | LocalRelease:
+    """An endpoint's client, or the target's release verified and loaded here."""
+    if not target.release:
+        return ColdPath(target, timeout_seconds)
+    release = store.release(db, target.release)
+    runtime = ModelRuntime.from_release(store, release, options, compute)
+    return LocalRelease(target, runtime, timeout_seconds)
 
 
 class LocalRelease:

@@ -35,10 +35,10 @@ from sqlite_utils import Database
 from appliance.errors import ApplianceError, UsageError
 from appliance.evals.spec import Online, load_spec
 from appliance.paths import AppliancePaths
-from appliance.serve.coldpath import ColdPath
+from appliance.serve.coldpath import AnyColdPath
 from appliance.serve.config import ServiceOptions, ServingConfig
 from appliance.serve.egress import Admitted
-from appliance.serve.localpath import LocalRelease
+from appliance.serve.localpath import open_cold_path
 from appliance.serve.metrics import ServiceMetrics
 from appliance.serve.policy import RoutingPolicy
 from appliance.serve.rollout import CANARY, SHADOW, STABLE, Route, bucket, judge, unix_time
@@ -84,8 +84,10 @@ class Service:
         self.load_failure: str | None = None  # why it failed, for /readyz and the log
         self.api_key_hashes: tuple[str, ...] = ()
         self.routing = RoutingState(False, None, None, None)  # the store's switches
-        self._cold: list[ColdPath | LocalRelease] = []  # the cold paths, in fallback order
+        self._cold: list[AnyColdPath] = []  # the cold paths, in fallback order
         self._routed_targets: list[Target] | None = None  # what _cold was opened from
+        # The last policy() answer, for as long as its runtime and routing state hold.
+        self._policy_memo: tuple[ModelRuntime, RoutingState, RoutingPolicy] | None = None
         self._keys_read_at = 0.0  # time.monotonic() of the last read prompted by a key
         self.metrics = ServiceMetrics(self._queue_depth, self._busy_slots)
         self.telemetry = TelemetryWriter(
@@ -199,13 +201,18 @@ class Service:
     def policy(self, runtime: ModelRuntime) -> RoutingPolicy:
         """`runtime`'s signed routing policy with the admin's overrides (`route policy set`
         checks them; a hand-edited one that does not apply is ignored, and said)."""
+        routing, memo = self.routing, self._policy_memo
+        if memo is not None and memo[0] is runtime and memo[1] is routing:
+            return memo[2]  # the same runtime and the same poll's state: judged already
         try:
-            return runtime.policy.with_overrides(self.routing.policy)
+            policy = runtime.policy.with_overrides(routing.policy)
         except UsageError as exc:
             log.warning("routing policy overrides ignored: %s", exc.message)
-            return runtime.policy
+            policy = runtime.policy
+        self._policy_memo = (runtime, routing, policy)
+        return policy
 
-    def cold_paths(self) -> list[ColdPath | LocalRelease]:
+    def cold_paths(self) -> list[AnyColdPath]:
         """The registered cold-path targets, in fallback order (their breakers kept)."""
         return self._cold
 
@@ -223,17 +230,16 @@ class Service:
             unregistered.close()
         log.info("cold-path targets: %s", [c.target.name for c in self._cold] or "none")
 
-    def _open_cold_path(self, db: Database, target: Target) -> ColdPath | LocalRelease | None:
-        """An endpoint's client, or a release loaded beside the active one (None, and said
-        in the log, when it cannot be verified or loaded: retried when the targets change)."""
-        timeout = self.options.request_timeout_seconds
-        if not target.release:
-            return ColdPath(target, timeout)
+    def _open_cold_path(self, db: Database, target: Target) -> AnyColdPath | None:
+        """None, and said in the log, when a release target cannot be verified or loaded:
+        retried when the targets change."""
         try:
-            release = self.store.release(db, target.release)
-            return LocalRelease(target, self._load(release), timeout)
+            return open_cold_path(
+                target, self.store, db, self.options, self.compute,
+                self.options.request_timeout_seconds,
+            )  # fmt: skip
         except Exception as exc:
-            log.error("cold-path release %s cannot serve: %s", target.release, exc)
+            log.error("cold path %s cannot serve: %s", target.name, exc)
             return None
 
     def _follow_active(self, db: Database) -> None:
