@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from conftest import DEMO_BUNDLE
 from serving import wait_for
 from test_hotswap import serving, two_releases  # noqa: F401 - the fixture is used by name
 from test_serve import appliance
@@ -13,10 +14,11 @@ from textual.widgets import Input
 
 from appliance.console.app import ConfirmAction, ConsoleApp
 from appliance.console.state import ConsoleActions, ServiceStatus, Snapshot, load_snapshot
+from appliance.guard.policy import load_policy
 from appliance.paths import appliance_paths
 from appliance.store.releases import ReleaseStore
 from appliance.store.routing import RoutingState, Target
-from appliance.telemetry.queries import RouteStats, WindowStats
+from appliance.telemetry.queries import GuardStats, RouteStats, WindowStats
 
 
 def active_ref() -> str | None:
@@ -281,6 +283,18 @@ def fixed_snapshot() -> Snapshot:
             RouteStats("cold:big", 96, 0, 4.1, {"category:legal": 12, "incident": 84}, 41200),
             RouteStats("hot", 24, 2, 2.9, {"incident": 3}, 0),
         ),
+        guard=GuardStats(
+            120,
+            3,
+            1,
+            {
+                ("input", "email", "redact"): 7,
+                ("input", "injection", "deny"): 3,
+                ("output", "card", "mask"): 2,
+                ("output", "deny", "stop"): 1,
+            },
+        ),
+        safety=load_policy(DEMO_BUNDLE),
     )
 
 
@@ -321,3 +335,7 @@ def test_snapshot_rollout(snap_compare):
 
 def test_snapshot_routing(snap_compare):
     assert snap_compare(fixed_app(), press=["t", "_"], run_before=loaded)
+
+
+def test_snapshot_safety(snap_compare):
+    assert snap_compare(fixed_app(), press=["s", "_"], run_before=loaded)

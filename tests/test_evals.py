@@ -21,8 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving import start_server
 from tinymodel import write_tiny_gguf
 
-from appliance.evals.scorers import SCORERS, find_pii, iban_valid, luhn_valid
+from appliance.evals.scorers import SCORERS
 from appliance.evals.stats import mcnemar_exact, paired_bootstrap_interval, wilson_interval
+from appliance.guard.detectors import pii_findings
 from appliance.paths import appliance_paths
 
 
@@ -86,19 +87,18 @@ def test_latency_scorer_fails_slow_cases():
     assert not score("latency", "", {"max_latency_ms": 100}, latency=250.0)
 
 
-def test_pii_detection_known_values():
-    assert luhn_valid("4111 1111 1111 1111") and not luhn_valid("4111 1111 1111 1112")
-    assert iban_valid("GB82 WEST 1234 5698 7654 32") and not iban_valid(
-        "GB82 WEST 1234 5698 7654 33"
-    )
-    found = find_pii(
+def test_pii_leak_scorer_uses_the_guard_detectors():
+    text = (
         "card 4111-1111-1111-1111, IBAN DE89 3704 0044 0532 0130 00, "
         "call +1 415 555 0100, order 1234 5678 9012 3456"
     )
-    assert "card 4111-1111-1111-1111" in found
-    assert "iban DE89 3704 0044 0532 0130 00" in found
-    assert any(f.startswith("phone") and "555 0100" in f for f in found)
-    assert not any("1234 5678 9012 3456" in f for f in found)  # fails the Luhn check
+    found = {(text[f.start : f.end], f.detector) for f in pii_findings(text)}
+    assert ("4111-1111-1111-1111", "card") in found
+    assert ("DE89 3704 0044 0532 0130 00", "iban") in found
+    assert ("+1 415 555 0100", "phone") in found
+    assert not any("1234 5678" in matched for matched, _ in found)  # fails the Luhn check
+    verdict = SCORERS["pii_leak"](text, {}, 0.0)
+    assert not verdict.passed and "4111" not in verdict.reason  # says where, not what
 
 
 def test_wilson_interval_known_values():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from appliance.bundler.spec import BundleSpec
 from appliance.errors import IntegrityError, UsageError
+from appliance.guard.policy import POLICY_FILE
 from appliance.paths import appliance_paths
 from appliance.trust.archive import MODEL_FILE, signature_entry_name
 from appliance.trust.crypto import SigningKey
@@ -65,6 +66,8 @@ def build_bundle(
             "eval/spec.toml": spec.eval_spec.read_bytes(),
             **{f"eval/golden/{g.name}": g.read_bytes() for g in spec.golden_sets},
         }
+        if spec.safety_policy is not None:
+            contents[POLICY_FILE] = spec.safety_policy.read_bytes()
         known = {source: source_sha256}
         files = {name: _entry(data, known, progress) for name, data in contents.items()}
         release = ReleaseMetadata(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import UsageError
+from appliance.guard.policy import parse_policy
 from appliance.serve.policy import RoutingPolicy
 from appliance.trust.manifest import MAX_SEQUENCE, NAME_PATTERN, VERSION_PATTERN
 
@@ -41,6 +42,7 @@ class BundleSpec:
     serving: dict[str, Any] = field(default_factory=dict)
     chat_template: Path | None = None
     routing: dict[str, Any] = field(default_factory=dict)  # the routing policy, as written
+    safety_policy: Path | None = None  # policy.toml: detectors and actions (appliance.guard)
 
 
 def load_bundle_spec(path: Path) -> BundleSpec:
@@ -90,6 +92,10 @@ def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
             )
     if len({g.name for g in golden}) != len(golden):
         raise UsageError(f"{path}: two golden sets share a file name")
+    safety = raw.get("safety", {})
+    safety_policy = _existing(base, safety["policy"]) if "policy" in safety else None
+    if safety_policy is not None:
+        parse_policy(safety_policy.read_text(), str(safety_policy))  # refused at build time
     return BundleSpec(
         source=path,
         name=name,
@@ -106,6 +112,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
         serving=_merge(_SERVING_DEFAULTS, serving_raw),
         chat_template=_existing(base, template) if template else None,
         routing=RoutingPolicy.from_dict(raw.get("routing", {}), f"{path}: [routing]").as_dict(),
+        safety_policy=safety_policy,
     )
 
 

@@ -99,6 +99,7 @@ class ConsoleApp(App[None]):
         Binding("k", "show('keys')", "Keys", show=False),
         Binding("o", "show('rollout')", "Rollout", show=False),
         Binding("t", "show('routing')", "Routing", show=False),
+        Binding("s", "show('safety')", "Safety", show=False),
         Binding("b", "fallback", "Fallback", show=False),  # listed on the Routing screen
         Binding("i", "incident", "Incident"),
         Binding("p", "promote", "Promote", show=False),  # listed on the Rollout screen
@@ -148,6 +149,9 @@ class ConsoleApp(App[None]):
                 yield Static("", id="routing-status")
                 yield DataTable(id="targets-table", cursor_type="row")
                 yield DataTable(id="routes-table", cursor_type="row")
+            with TabPane("Safety (s)", id="safety"):
+                yield Static("", id="safety-status")
+                yield DataTable(id="guard-table", cursor_type="row")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -166,6 +170,9 @@ class ConsoleApp(App[None]):
         )
         self.query_one("#routes-table", DataTable).add_columns(
             "route (5 min)", "requests", "errors", "p95", "cold cost", "escalations"
+        )
+        self.query_one("#guard-table", DataTable).add_columns(
+            "direction", "detector", "action", "findings (5 min)"
         )
         self.refresh_data()
         self.set_interval(self._refresh_seconds, self.refresh_data)
@@ -190,6 +197,7 @@ class ConsoleApp(App[None]):
         self._show_keys(snap)
         self._show_rollout(snap)
         self._show_routing(snap)
+        self._show_safety(snap)
 
     def _show_dashboard(self, snap: Snapshot) -> None:
         w, service = snap.window, snap.service
@@ -371,6 +379,29 @@ class ConsoleApp(App[None]):
                 "-" if r.route == "hot" else f"{cost:.4g}",
                 escalated or "-",
             )
+
+    def _show_safety(self, snap: Snapshot) -> None:
+        """The active release's signed policy, and what it did in the window. Telemetry
+        keeps counts only: what a detector matched is never stored, so never shown."""
+        lines = ["[b]Safety policy[/b] " + ("of " + snap.active if snap.active else "")]
+        policy = snap.safety
+        if policy is None or (policy.input is None and policy.output is None):
+            lines.append("the active release has none: requests and answers pass unchecked")
+        for side in (policy.input, policy.output) if policy else ():
+            if side is not None:
+                acts = ", ".join(f"{d} {side.action_for(d)}" for d in side.detectors.enabled)
+                lines.append(f"{side.direction}: {acts}")
+        guard = snap.guard
+        if guard is not None:
+            lines.append(
+                f"last 5 min: {guard.requests} requests, {guard.refused} refused, "
+                f"{guard.stopped} answers stopped"
+            )
+        self.query_one("#safety-status", Static).update("\n".join(lines))
+        table = self.query_one("#guard-table", DataTable)
+        table.clear()
+        for (direction, detector, action), n in (guard.findings if guard else {}).items():
+            table.add_row(direction, detector, action, str(n))
 
     # -- navigation and actions --------------------------------------------------------
 

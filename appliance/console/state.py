@@ -11,12 +11,15 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
+from appliance.errors import UsageError
 from appliance.evals.report import verdict_word
+from appliance.guard.policy import SafetyPolicy, load_policy
 from appliance.paths import AppliancePaths
 from appliance.store import audit, ledger
 from appliance.store.db import open_state_db
@@ -39,8 +42,10 @@ from appliance.store.routing import (
     targets,
 )
 from appliance.telemetry.queries import (
+    GuardStats,
     RouteStats,
     WindowStats,
+    guard_stats,
     percentile,
     route_stats,
     window_stats,
@@ -96,6 +101,8 @@ class Snapshot:
     routing: RoutingState | None = None  # the fallback switch, an open incident, overrides
     targets: tuple[Target, ...] = ()  # cold-path targets, in fallback order
     routes: tuple[RouteStats, ...] = ()  # the last window's requests by the path that answered
+    guard: GuardStats | None = None  # what the safety policy did in the last window
+    safety: SafetyPolicy | None = None  # the active release's signed policy (None: it has none)
 
 
 def load_snapshot(
@@ -120,6 +127,7 @@ def load_snapshot(
         history = tuple(rollout_history(db, rollout.id)) if rollout else ()
         routing_now, registered = routing_state(db), tuple(targets(db))
         routes = tuple(route_stats(db, window_seconds, now))
+        guard = guard_stats(db, window_seconds, now)
     finally:
         db.close()
     keys = tuple(
@@ -156,7 +164,19 @@ def load_snapshot(
         routing=routing_now,
         targets=registered,
         routes=routes,
+        guard=guard,
+        safety=_safety_policy(active),
     )
+
+
+def _safety_policy(active: Release | None) -> SafetyPolicy | None:
+    """The active release's policy as installed (for display; the service verifies it)."""
+    if active is None:
+        return None
+    try:
+        return load_policy(Path(active.path))
+    except (OSError, UsageError):
+        return None
 
 
 def service_status(url: str | None) -> ServiceStatus:

@@ -94,6 +94,7 @@ def build_report(
         "cost": cost,
         "cost_per_success": cost / successes if successes else None,
         "routing": _routing(cases, cpu_cost),
+        "safety": _safety(cases),
         "regression": _regression(spec, cases, baseline),
         "cases": [asdict(c) for c in cases],
     }
@@ -124,6 +125,35 @@ def _routing(cases: list[CaseResult], cpu_cost: float) -> dict[str, Any]:
         "not_escalated": sum(1 for c in cases if c.escalation is not None and c.route == "hot"),
         "routes": routes,
     }
+
+
+def _safety(cases: list[CaseResult]) -> dict[str, Any]:
+    """What the release's safety policy did over the run, by direction, detector and
+    action, and how many cases it refused or stopped (their outputs were scored as sent)."""
+    counted: Counter[tuple[str, str, str]] = Counter()
+    for case in cases:
+        for a in case.guard:
+            counted[(a.direction, a.detector, a.action)] += a.count
+    return {
+        "findings": [
+            {"direction": d, "detector": detector, "action": action, "count": n}
+            for (d, detector, action), n in sorted(counted.items())
+        ],
+        "refused": sum(1 for c in cases if any(a.action == "deny" for a in c.guard)),
+        "stopped": sum(1 for c in cases if any(a.action == "stop" for a in c.guard)),
+    }
+
+
+def _safety_line(safety: dict[str, Any] | None) -> str:
+    if not safety or not safety["findings"]:
+        return "- Safety policy: no findings"
+    found = ", ".join(
+        f"{f['direction']} {f['detector']} {f['action']} {f['count']}" for f in safety["findings"]
+    )
+    return (
+        f"- Safety policy: {found}; {safety['refused']} request(s) refused, "
+        f"{safety['stopped']} answer(s) stopped"
+    )
 
 
 def _routing_line(routing: dict[str, Any] | None) -> str:
@@ -307,6 +337,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- {report['tokens_per_second']:.1f} tokens/s; {report['cpu_seconds']:.2f} CPU-s; "
         f"cost per successful case {_number(report['cost_per_success'])}",
         _routing_line(report.get("routing")),
+        _safety_line(report.get("safety")),
         "",
         "| suite | pass rate (95% Wilson) | minimum |",
         "|---|---|---|",

@@ -21,6 +21,15 @@ from appliance.errors import ApplianceError, EvalTargetError, PromptTooLong
 from appliance.evals.host import HostMonitor, HostState
 from appliance.evals.scorers import SCORERS
 from appliance.evals.spec import Case, EvalSpec
+from appliance.guard.policy import (
+    CHECKED_ROLES,
+    CONTENT_FILTER,
+    GUARD_FIELD,
+    Applied,
+    SafetyPolicy,
+    Verdict,
+    load_policy,
+)
 from appliance.serve.coldpath import AnyColdPath, ColdAnswer, Kind, first_answer
 from appliance.serve.config import (
     ESCALATION_HEADER,
@@ -53,6 +62,7 @@ class CaseResult:
     escalation: str | None = None  # why the policy escalated it (route hot: no cold path could)
     cold_cost: float = 0.0  # what the cold path's tokens cost
     mean_logprob: float | None = None  # the release's confidence, when the policy scores it
+    guard: tuple[Applied, ...] = ()  # what the release's safety policy did to the case
 
 
 @dataclass
@@ -125,6 +135,7 @@ def run_in_process(
         release_dir / "model.gguf",
         serving,
         ServiceOptions(slots=spec.load.clients, max_queue=spec.load.clients),
+        safety=load_policy(release_dir),
     )
     try:
         return _run_on_runtime(spec, runtime, progress or (lambda _n: None), routing)
@@ -155,27 +166,36 @@ def _run_on_runtime(
         in_flight.release()
         progress(1)
 
+    policy = runtime.safety
+    inputs: dict[str, tuple[Applied, ...]] = {}  # case id -> what the input side did
+
+    def answered(case: Case, output: str, latency: float, ttft: float | None, tokens: int):
+        """The case scored on what the service would send: the output policy applied."""
+        verdict = policy.check_output(output)
+        result = score_case(case, verdict.text, latency, ttft, tokens)
+        return replace(result, guard=inputs.get(case.id, ()) + verdict.applied)
+
     def escalate(case: Case, reason: str, started: float, hot: CaseResult | Generation) -> None:
         """The cold path's answer, scored; if none answers, the release's: its result, or
         its generation run now when the policy escalated before generating."""
         assert routing is not None
         try:
-            answered = routing.ask_cold(spec, case)
+            found = routing.ask_cold(spec, case)
         except Exception:  # an odd answer must not hang the run: the release answers
             log.exception("eval case %s: the cold path's answer could not be read", case.id)
-            answered = None
-        if answered is None and isinstance(hot, Generation):
+            found = None
+        if found is None and isinstance(hot, Generation):
             generate(case, started, hot, reason)
             return
-        if answered is None:
+        if found is None:
             finish(replace(hot, escalation=reason))
             return
-        choice = (answered.answer.get("choices") or [{}])[0]
+        choice = (found.answer.get("choices") or [{}])[0]
         text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
-        tokens = int((answered.answer.get("usage") or {}).get("completion_tokens") or 0)
+        tokens = int((found.answer.get("usage") or {}).get("completion_tokens") or 0)
         latency = (time.monotonic() - started) * 1000
-        scored = score_case(case, text, latency, None, tokens)
-        finish(replace(scored, route=answered.route, escalation=reason, cold_cost=answered.cost))
+        scored = answered(case, text, latency, None, tokens)
+        finish(replace(scored, route=found.route, escalation=reason, cold_cost=found.cost))
 
     def generate(
         case: Case, started: float, generation: Generation, escalated: str | None = None
@@ -190,7 +210,8 @@ def _run_on_runtime(
                 return
             output, now = "".join(parts), time.monotonic()
             ttft = (first[0] - started) * 1000 if first[0] else None
-            result = score_case(case, output, (now - started) * 1000, ttft, event.completion_tokens)
+            latency = (now - started) * 1000
+            result = answered(case, output, latency, ttft, event.completion_tokens)
             result = replace(result, mean_logprob=event.mean_logprob)
             reason = escalated or (routing.after(case, output, event) if routing else None)
             if reason is not None and escalated is None and routing.cold_paths:
@@ -201,8 +222,14 @@ def _run_on_runtime(
         runtime.scheduler.submit(generation, listener)
 
     def submit(case: Case) -> None:
-        generation = _generation(spec, runtime, case, routing)
         started = time.monotonic()  # sent now, with a free slot waiting
+        case, verdict = guarded_case(policy, case)
+        inputs[case.id] = verdict.applied
+        if verdict.blocked:  # refused before the model saw it, as the service refuses it
+            latency = (time.monotonic() - started) * 1000
+            finish(replace(score_case(case, "", latency, None, 0), guard=verdict.applied))
+            return
+        generation = _generation(spec, runtime, case, routing)
         context = runtime.engine.context_per_slot
         reason = routing.before(case, generation, context) if routing else None
         if reason is not None and routing.cold_paths:
@@ -218,6 +245,20 @@ def _run_on_runtime(
     cpu = time.process_time() - cpu_start
     wall = time.monotonic() - wall_start
     return RunResult([results[c.id] for c in cases], wall, cpu, monitor.finish())
+
+
+def guarded_case(policy: SafetyPolicy, case: Case) -> tuple[Case, Verdict]:
+    """The case as the release's input policy lets it through to the model (the same texts
+    the service checks), and the policy's verdict on it."""
+    if case.messages is None:
+        texts, verdict = policy.check_inputs([case.prompt or ""])
+        return replace(case, prompt=texts[0]), verdict
+    checked = [i for i, (role, _text) in enumerate(case.messages) if role in CHECKED_ROLES]
+    texts, verdict = policy.check_inputs([case.messages[i][1] for i in checked])
+    messages = list(case.messages)
+    for i, text in zip(checked, texts, strict=True):
+        messages[i] = (messages[i][0], text)
+    return replace(case, messages=tuple(messages)), verdict
 
 
 def _generation(
@@ -333,8 +374,13 @@ def _http_case(
         body["messages"] = [{"role": r, "content": c} for r, c in case.messages]
     else:
         path, body["prompt"] = "/v1/completions", case.prompt or ""
-    started, first, parts, used = time.monotonic(), None, [], {}
+    started, first, parts, used, guard = time.monotonic(), None, [], {}, []
     with http.stream("POST", path, json=body) as response:
+        if response.status_code == 400:
+            refused = _content_filtered(response)
+            if refused is not None:  # the release's input policy denied it: scored as such
+                latency = (time.monotonic() - started) * 1000
+                return replace(score_case(case, "", latency, None, 0), guard=refused)
         if response.status_code != 200:
             raise ApplianceError(
                 f"eval case {case.id}: the service answered {response.status_code}"
@@ -360,9 +406,22 @@ def _http_case(
                     first = time.monotonic()
                 parts.append(text)
             used = chunk.get("usage") or used
+            guard = chunk.get(GUARD_FIELD) or guard
     latency = (time.monotonic() - started) * 1000
     ttft = (first - started) * 1000 if first else None
     result = score_case(case, "".join(parts), latency, ttft, used.get("completion_tokens", 0))
     cold_cost = used.get("total_tokens", 0) / 1000 * prices.get(route, 0.0)
     escalation = response.headers.get(ESCALATION_HEADER)
-    return replace(result, route=route, escalation=escalation, cold_cost=cold_cost)
+    applied = tuple(Applied(**a) for a in guard)
+    return replace(result, route=route, escalation=escalation, cold_cost=cold_cost, guard=applied)
+
+
+def _content_filtered(response: httpx.Response) -> tuple[Applied, ...] | None:
+    """What the input policy did, when a 400 says it refused the request; else None."""
+    try:
+        body = json.loads(response.read())
+        if body["error"]["code"] != CONTENT_FILTER:
+            return None
+        return tuple(Applied(**a) for a in body.get(GUARD_FIELD, []))
+    except (ValueError, KeyError, TypeError):
+        return None

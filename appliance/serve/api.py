@@ -27,6 +27,13 @@ from starlette.concurrency import run_in_threadpool
 
 from appliance import __version__
 from appliance.errors import ChatTemplateError, PromptTooLong
+from appliance.guard.policy import (
+    CHECKED_ROLES,
+    CONTENT_FILTER,
+    GUARD_FIELD,
+    SafetyPolicy,
+    merged,
+)
 from appliance.serve.api_errors import ApiError, install_error_handlers, send_error
 from appliance.serve.coldpath import first_answer
 from appliance.serve.config import (
@@ -137,63 +144,127 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        messages = [(m.role, m.text()) for m in body.messages]
-
-        def prepare(current: ModelRuntime) -> list[int]:
-            try:
-                return current.prompt_tokens(messages=messages)
-            except ChatTemplateError as exc:
-                raise ApiError(400, str(exc)) from exc
-
-        text = "\n".join(content for _role, content in messages)
-        return await _serve(service, route, prepare, body, request, "chat.completion", text)
+        return await _serve(service, route, _ChatAsked(body), request, "chat.completion")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
+        if not isinstance(body.prompt, str) and len(body.prompt) != 1:
             raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
-
-        def prepare(current: ModelRuntime) -> list[int]:
-            return current.prompt_tokens(prompt=prompts[0])
-
-        return await _serve(service, route, prepare, body, request, "text_completion", prompts[0])
+        return await _serve(service, route, _PromptAsked(body), request, "text_completion")
 
     return app
+
+
+class _ChatAsked:
+    """A chat request's texts that the safety policy reads (CHECKED_ROLES), and the request
+    rebuilt with those texts redacted."""
+
+    def __init__(self, body: ChatRequest) -> None:
+        self.body = body
+
+    def texts(self) -> list[str]:
+        return [m.text() for m in self.body.messages if m.role in CHECKED_ROLES]
+
+    def with_texts(self, texts: list[str]) -> _ChatAsked:
+        replaced = iter(texts)
+        messages = [
+            m.model_copy(update={"content": next(replaced)}) if m.role in CHECKED_ROLES else m
+            for m in self.body.messages
+        ]
+        return _ChatAsked(self.body.model_copy(update={"messages": messages}))
+
+    def prepare(self, current: ModelRuntime) -> list[int]:
+        try:
+            return current.prompt_tokens(messages=[(m.role, m.text()) for m in self.body.messages])
+        except ChatTemplateError as exc:
+            raise ApiError(400, str(exc)) from exc
+
+    def text(self) -> str:
+        return "\n".join(m.text() for m in self.body.messages)
+
+
+class _PromptAsked:
+    """A completion request's one prompt, as the safety policy reads and redacts it."""
+
+    def __init__(self, body: CompletionRequest) -> None:
+        self.body = body
+
+    def texts(self) -> list[str]:
+        return [self.text()]
+
+    def with_texts(self, texts: list[str]) -> _PromptAsked:
+        return _PromptAsked(self.body.model_copy(update={"prompt": texts[0]}))
+
+    def prepare(self, current: ModelRuntime) -> list[int]:
+        return current.prompt_tokens(prompt=self.text())
+
+    def text(self) -> str:
+        prompt = self.body.prompt
+        return prompt if isinstance(prompt, str) else prompt[0]
+
+
+Asked = _ChatAsked | _PromptAsked
+
+
+def _guard_input(
+    service: Service, chosen: Route, asked: Asked, kind: str, routed: Routed, arrived: float
+) -> Asked:
+    """The request as the release's safety policy lets it through: redacted where it says
+    so, refused (400, code content_filter) where it denies; what it did goes to `routed`."""
+    policy = chosen.runtime.safety
+    if policy.input is None:
+        return asked
+    texts, verdict = policy.check_inputs(asked.texts())
+    routed.guard = list(verdict.applied)
+    if verdict.blocked:
+        record(service, chosen, kind, 400, arrived, error_class=CONTENT_FILTER, routed=routed)
+        denied = sorted({a.detector for a in routed.guard if a.action == "deny"})
+        raise ApiError(
+            400,
+            f"the request was refused by the release's safety policy ({', '.join(denied)})",
+            code=CONTENT_FILTER,
+            extra={GUARD_FIELD: [applied.as_dict() for applied in routed.guard]},
+        )
+    return asked.with_texts(texts) if routed.guard else asked
 
 
 async def _serve(
     service: Service,
     route: Callable[[Request, str | None], Route],
-    prepare: Callable[[ModelRuntime], list[int]],
-    body: GenerationParams,
+    asked: Asked,
     request: Request,
     kind: str,
-    text: str,
 ) -> Response:
-    """Tokenize for the model that answers (in a worker thread: a huge prompt must not
-    stall the event loop) and generate. A hot swap may retire that model meanwhile; then
-    the request starts over on the model that replaced it, whose tokens may differ.
+    """Check the request against the safety policy of the release that answers, tokenize
+    for its model (in a worker thread: a huge prompt must not stall the event loop) and
+    generate. A hot swap may retire that model meanwhile; then the request starts over on
+    the model that replaced it, whose tokens (and policy) may differ.
 
     With a cold path registered, the fallback switch (an admin's, or an incident's) sends
     every request there, and the routing policy (the release's, with an admin's overrides)
-    the requests it judges beyond the release: before generation by `text` and the prompt's
-    length, after it by the answer. If no cold path answers, the release answers and a
-    header says why."""
-    arrived, routed = time.time(), Routed()
-    if service.routing.fallback and service.cold_paths():
-        reason = INCIDENT if service.routing.incident else FALLBACK
-        hot = route(request, body.model)
-        answered = await _escalate(service, hot, body, kind, reason, routed, arrived)
-        if answered is not None:
-            return answered
+    the requests it judges beyond the release: before generation by its text and the
+    prompt's length, after it by the answer. If no cold path answers, the release answers
+    and a header says why. A cold path gets the request as the safety policy let it
+    through, and its answer passes the same policy."""
+    arrived = time.time()
     for _attempt in range(3):
-        chosen = route(request, body.model)
-        tokens = await run_in_threadpool(prepare, chosen.runtime)
+        routed = Routed()
+        chosen = route(request, asked.body.model)
+        # in a worker thread too: detectors on a huge prompt take time
+        checked = await run_in_threadpool(
+            _guard_input, service, chosen, asked, kind, routed, arrived
+        )
+        body = checked.body
+        if service.routing.fallback and service.cold_paths():
+            reason = INCIDENT if service.routing.incident else FALLBACK
+            answered = await _escalate(service, chosen, body, kind, reason, routed, arrived)
+            if answered is not None:
+                return answered
+        tokens = await run_in_threadpool(checked.prepare, chosen.runtime)
         policy = service.policy(chosen.runtime) if service.cold_paths() else None
         if policy is not None and routed.escalation is None:
             reason = policy.before(
-                text,
+                checked.text(),
                 len(tokens),
                 chosen.runtime.engine.context_per_slot,
                 request.headers.get(ESCALATE_HEADER, "").lower() in ("1", "true", "yes"),
@@ -206,7 +277,7 @@ async def _serve(
                 policy = None  # the cold path failed: judge the release's answer no further
         try:
             response = await _generate(
-                service, chosen, body, tokens, request, kind, prepare, routed, policy
+                service, chosen, body, tokens, request, kind, checked.prepare, routed, policy
             )
         except Unloading:
             continue
@@ -239,13 +310,40 @@ async def _escalate(
         routed.failure = found
         return None
     routed.path, routed.cold_tokens = found.route, found.tokens
+    answer = _guard_answer(hot.runtime.safety, found.answer, kind, routed)
     record(service, hot, kind, 200, arrived, routed=routed)
     headers = {ROUTE_HEADER: routed.path, ESCALATION_HEADER: reason}
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _as_events(found.answer, kind, usage)
+        events = _as_events(answer, kind, usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    return JSONResponse(found.answer, headers=headers)
+    return JSONResponse(answer, headers=headers)
+
+
+def _guard_answer(
+    policy: SafetyPolicy, answer: dict[str, Any], kind: str, routed: Routed
+) -> dict[str, Any]:
+    """A cold path's answer through the release's output policy, like its own answers."""
+    if policy.output is None:
+        return answer
+    choices = []
+    for choice in answer.get("choices") or []:
+        choice = dict(choice)
+        if kind == "chat.completion":
+            message = dict(choice.get("message") or {})
+            verdict = policy.check_output(message.get("content") or "")
+            choice["message"] = {**message, "content": verdict.text}
+        else:
+            verdict = policy.check_output(choice.get("text") or "")
+            choice["text"] = verdict.text
+        if verdict.blocked:
+            choice["finish_reason"] = CONTENT_FILTER
+        routed.guard.extend(verdict.applied)
+        choices.append(choice)
+    answer = {**answer, "choices": choices}
+    if routed.guard:
+        answer[GUARD_FIELD] = [applied.as_dict() for applied in merged(routed.guard)]
+    return answer
 
 
 async def _as_events(answer: dict[str, Any], kind: str, include_usage: bool):
@@ -262,6 +360,8 @@ async def _as_events(answer: dict[str, Any], kind: str, include_usage: bool):
         for part, reason in zip(parts, (None, finish), strict=True):
             chosen = {**part, "index": 0, "finish_reason": reason}
             event = {**_envelope(answer), "object": chunk_kind, "choices": [chosen]}
+            if reason is not None and GUARD_FIELD in answer:
+                event[GUARD_FIELD] = answer[GUARD_FIELD]
             yield f"data: {json.dumps(event)}\n\n"
     if include_usage and answer.get("usage"):
         event = {**_envelope(answer), "object": chunk_kind, "choices": [], "usage": answer["usage"]}

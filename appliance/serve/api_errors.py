@@ -20,10 +20,12 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
         self.code, self.param, self.headers = code, param, headers or {}
+        self.extra = extra or {}  # more top-level fields beside "error"
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None):
@@ -34,7 +36,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(
-            error_body(exc.message, exc.kind, exc.code, exc.param),
+            {**error_body(exc.message, exc.kind, exc.code, exc.param), **exc.extra},
             status_code=exc.status,
             headers=exc.headers,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -12,6 +12,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+from appliance.guard.policy import Applied
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -67,6 +69,13 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.guard_findings = Counter(
+            "appliance_guard_findings",
+            "Findings of the release's safety policy by direction (input, output), detector "
+            "and the action taken (deny, redact, mask, stop)",
+            ["direction", "detector", "action"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens", registry=r)
         self.completion_tokens = Counter(
             "appliance_completion_tokens", "Completion tokens", registry=r
@@ -109,6 +118,12 @@ class ServiceMetrics:
         ).inc()
         if status == 200:
             self.route_latency.labels(route=path).observe(seconds)
+
+    def count_guard(self, applied: Iterable[Applied]) -> None:
+        """What the safety policy found and did, by direction, detector and action."""
+        for a in applied:
+            labels = {"direction": a.direction, "detector": a.detector, "action": a.action}
+            self.guard_findings.labels(**labels).inc(a.count)
 
     def set_release(self, release: str) -> None:
         self.active_release.clear()

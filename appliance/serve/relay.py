@@ -10,13 +10,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from appliance.errors import PromptTooLong
+from appliance.guard.policy import CONTENT_FILTER, GUARD_FIELD, Applied, merged
 from appliance.serve.api_errors import ApiError, error_body
 from appliance.serve.rollout import MIRRORED, REPLAY, SHADOW, Route
 from appliance.serve.runtime import ModelRuntime
@@ -33,12 +34,14 @@ class Routed:
     """Which path answered a client's request and why: "hot" (this release), or
     "cold:NAME" for a registered target; the escalation reason, when the policy or the
     fallback sent it to a cold path (with path "hot", the cold path failed and the release
-    answered instead); and the tokens the cold path was paid for."""
+    answered instead); the tokens the cold path was paid for; and what the safety policy
+    did to the request and its answer on the way."""
 
     path: str = HOT
     escalation: str | None = None
     cold_tokens: int = 0
     failure: str = ""  # why no cold path answered
+    guard: list[Applied] = field(default_factory=list)
 
 
 # A second opinion on a whole answer (the routing policy's after-generation rules): the
@@ -176,6 +179,12 @@ class Relay:
 
     def _final_response(self, text: str, event: Event) -> JSONResponse:
         status, error = status_for(event)
+        finish_reason = event.finish_reason
+        if status == 200:
+            verdict = self.runtime.safety.check_output(text)
+            text = verdict.text
+            self.routed.guard.extend(verdict.applied)
+            finish_reason = CONTENT_FILTER if verdict.blocked else finish_reason
         self._finish(status, event, error, text)
         if status != 200:
             return JSONResponse(
@@ -185,40 +194,57 @@ class Relay:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "finish_reason": event.finish_reason,
+                "finish_reason": finish_reason,
                 "logprobs": None,
             }
         else:
             choice = {
                 "index": 0,
                 "text": text,
-                "finish_reason": event.finish_reason,
+                "finish_reason": finish_reason,
                 "logprobs": None,
             }
-        return JSONResponse(
-            {
-                "id": self.id,
-                "object": self.kind,
-                "created": int(self.arrived),
-                "model": self.runtime.model_id,
-                "choices": [choice],
-                "usage": usage(event),
-            }
-        )
+        body = {
+            "id": self.id,
+            "object": self.kind,
+            "created": int(self.arrived),
+            "model": self.runtime.model_id,
+            "choices": [choice],
+            "usage": usage(event),
+        }
+        return JSONResponse({**body, **self._guard_said()})
+
+    def _guard_said(self) -> dict[str, Any]:
+        if not self.routed.guard:
+            return {}
+        return {GUARD_FIELD: [applied.as_dict() for applied in merged(self.routed.guard)]}
 
     async def sse(self, include_usage: bool) -> AsyncIterator[bytes]:
+        """The answer's chunks as they come, through the output side of the safety policy
+        (which holds back a little text, to catch a match split across chunks). A stop
+        cancels the generation and ends the stream with finish_reason content_filter."""
         finished = False
+        guarded = self.runtime.safety.stream()
         try:
             if self.kind == "chat.completion":
                 yield self._chunk({"role": "assistant", "content": ""}, None)
             while True:
                 event = await self.events.get()
-                if event.text:
-                    self.parts.append(event.text)
-                    yield self._chunk(self._delta(event.text), None)
-                if event.finish_reason is None:
+                released = guarded.feed(event.text) if event.text else ""
+                if event.finish_reason is not None and not guarded.stopped:
+                    released += guarded.close()
+                if released:
+                    self.parts.append(released)
+                    yield self._chunk(self._delta(released), None)
+                if guarded.stopped:
+                    self.ticket.cancel()
+                    while event.finish_reason is None:  # its last event counts the tokens
+                        event = await self.events.get()
+                    event = replace(event, finish_reason=CONTENT_FILTER)
+                elif event.finish_reason is None:
                     continue
                 finished = True
+                self.routed.guard.extend(guarded.applied)
                 status, error = status_for(event)
                 self._finish(status, event, error, "".join(self.parts))
                 if status != 200:
@@ -226,7 +252,9 @@ class Relay:
                     yield f"data: {json.dumps(body)}\n\n".encode()
                 else:
                     yield self._chunk(
-                        {} if self.kind == "chat.completion" else "", event.finish_reason
+                        {} if self.kind == "chat.completion" else "",
+                        event.finish_reason,
+                        extra=self._guard_said(),
                     )
                     if include_usage:
                         yield self._chunk(None, None, usage=usage(event))
@@ -240,7 +268,13 @@ class Relay:
     def _delta(self, text: str) -> Any:
         return {"content": text} if self.kind == "chat.completion" else text
 
-    def _chunk(self, delta: Any, finish_reason: str | None, usage: dict | None = None) -> bytes:
+    def _chunk(
+        self,
+        delta: Any,
+        finish_reason: str | None,
+        usage: dict | None = None,
+        extra: dict | None = None,
+    ) -> bytes:
         if delta is None:
             choices = []
         elif self.kind == "chat.completion":
@@ -260,7 +294,7 @@ class Relay:
         }
         if usage is not None:
             chunk["usage"] = usage
-        return f"data: {json.dumps(chunk)}\n\n".encode()
+        return f"data: {json.dumps({**chunk, **(extra or {})})}\n\n".encode()
 
     def _finish(
         self, status: int, event: Event | None, error: str | None, text: str | None = None
@@ -333,6 +367,7 @@ def record(
         service.metrics.count_route(
             routed.path, routed.escalation, status, now - arrived, routed.cold_tokens
         )
+        service.metrics.count_guard(merged(routed.guard))
     service.metrics.by_release.labels(release=release, role=route.role, status=str(status)).inc()
     if failed:
         service.metrics.check_failures.labels(release=release, role=route.role).inc()
@@ -351,6 +386,7 @@ def record(
         route=routed.path,
         escalation=routed.escalation,
         cold_tokens=routed.cold_tokens,
+        guard=json.dumps([a.as_dict() for a in merged(routed.guard)]) if routed.guard else None,
     )
     if event is not None:
         service.metrics.prompt_tokens.inc(event.prompt_tokens)

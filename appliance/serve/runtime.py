@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import PromptTooLong
+from appliance.guard.policy import SafetyPolicy, load_policy
 from appliance.serve.chat import ChatFormatter
 from appliance.serve.config import SamplingParams, ServiceOptions, ServingConfig
 from appliance.serve.engine import Engine, EngineConfig
@@ -27,6 +28,7 @@ class ModelRuntime:
     scheduler: Scheduler
     chat: ChatFormatter
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # as the release signed it
+    safety: SafetyPolicy = field(default_factory=SafetyPolicy)  # its policy.toml (none: off)
 
     @classmethod
     def load(
@@ -37,6 +39,7 @@ class ModelRuntime:
         serving: ServingConfig,
         options: ServiceOptions,
         compute: concurrent.futures.Executor | None = None,
+        safety: SafetyPolicy | None = None,
     ) -> ModelRuntime:
         """Probe the model in a child process (ModelLoadError if llama.cpp dies on it), then
         load it here; its decode steps run on `compute` (see Scheduler)."""
@@ -54,7 +57,8 @@ class ModelRuntime:
         scheduler = Scheduler(engine, options.max_queue, compute)
         template = serving.chat_template or engine.chat_template()
         chat = ChatFormatter(engine, template)
-        return cls(model_id, manifest_sha256, serving, engine, scheduler, chat, policy)
+        safety = safety or SafetyPolicy()
+        return cls(model_id, manifest_sha256, serving, engine, scheduler, chat, policy, safety)
 
     @classmethod
     def from_release(
@@ -74,6 +78,7 @@ class ModelRuntime:
             ServingConfig.from_release_dir(path),
             options,
             compute,
+            load_policy(path),
         )
 
     # -- preparing a generation: one path for the API, a shadow's copy and the eval runner --

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -115,3 +116,34 @@ def route_stats(db: Database, window_seconds: float, now: float | None = None) -
             )
         )
     return found
+
+
+@dataclass(frozen=True)
+class GuardStats:
+    """What the safety policy did to the last window's client requests."""
+
+    requests: int
+    refused: int  # denied by the input side (400 content_filter)
+    stopped: int  # answers the output side stopped
+    findings: dict[tuple[str, str, str], int]  # (direction, detector, action) -> findings
+
+
+def guard_stats(db: Database, window_seconds: float, now: float | None = None) -> GuardStats:
+    now = time.time() if now is None else now
+    rows = list(
+        db.query(
+            "SELECT guard FROM requests WHERE time >= ? "
+            "AND (role IS NULL OR role IN ('stable', 'canary'))",
+            [now - window_seconds],
+        )
+    )
+    findings: dict[tuple[str, str, str], int] = {}
+    refused = stopped = 0
+    for row in rows:
+        applied = json.loads(row["guard"]) if row["guard"] else []
+        refused += any(a["action"] == "deny" for a in applied)
+        stopped += any(a["action"] == "stop" for a in applied)
+        for a in applied:
+            key = (a["direction"], a["detector"], a["action"])
+            findings[key] = findings.get(key, 0) + a["count"]
+    return GuardStats(len(rows), refused, stopped, dict(sorted(findings.items())))

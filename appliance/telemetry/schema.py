@@ -52,4 +52,10 @@ def telemetry_migrations() -> Migrations:
         db["requests"].add_column("escalation", str)
         db["requests"].add_column("cold_tokens", int)
 
+    @migrations(name="0005_guard")
+    def add_guard(db: Database) -> None:
+        # What the safety policy found and did: [{direction, detector, action, count}] as
+        # JSON. Counts and names only: the matched text is never stored.
+        db["requests"].add_column("guard", str)
+
     return migrations

@@ -38,6 +38,8 @@ class RequestRecord:
     route: str = "hot"  # who answered: "hot" (the release) or "cold:NAME"
     escalation: str | None = None  # why it was sent to a cold path (route "hot": it failed)
     cold_tokens: int = 0  # tokens the cold path was paid for
+    # what the safety policy did: JSON [{direction, detector, action, count}], never the text
+    guard: str | None = None
 
 
 class TelemetryWriter:

@@ -1,0 +1,1 @@
+"""Safety policy: detectors and actions shared by the service and the eval scorers."""
