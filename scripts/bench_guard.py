@@ -9,10 +9,12 @@ Two measurements, both printed with the ratio on/off:
 2. The service end to end: two releases of the same model (default: the embedded Gemma 3
    270M Q4_K_M) in a throwaway home, built from bundles/demo, one with its policy.toml and
    one without, served in turn (on, off, on again: the two "on" runs bracket drift). Four
-   clients stream distinct prompts that carry personal data; it prints p50/p95 latency,
-   p95 time to first token and CPU seconds per request for each run.
+   clients stream distinct prompts (bench_serve.py's "distinct"), so the model does the
+   same work either way and only the checks differ; it prints p50/p95 latency, p95 time to
+   first text (a stream holds back the word being written) and CPU seconds per request.
+   Tokens/s is left out: the stream's chunks are words, not tokens, once held back.
 
-    .venv/bin/python scripts/bench_guard.py [--requests 8] [--model FILE.gguf]
+    .venv/bin/python scripts/bench_guard.py [--requests 16] [--model FILE.gguf]
 
 The releases are activated with --force (not gated): this measures cost, not quality.
 """
@@ -45,17 +47,15 @@ CLIENTS = 4
 ANSWER = (REPO / "docs" / "runbooks" / "rollback.md").read_text()[:1000]
 
 
-def prompts(client: int, counter: itertools.count) -> itertools.chain:
-    """Distinct prompts, each with an e-mail address and a card number to redact."""
-    for prompt in bench_serve.prompts_for("distinct", client, counter):
-        n = next(counter)
-        yield f"{prompt} (Customer user{n}@example.com paid with 4111 1111 1111 1111.)"
+def pii_prompt(n: int) -> str:
+    """A prompt with an e-mail address and a card number to redact."""
+    return f"{bench_serve.BASE} the year {1900 + n}. (user{n}@example.com paid 4111 1111 1111 1111)"
 
 
 def policy_work(rounds: int = 200) -> tuple[float, float]:
     """Milliseconds per request of the policy's own work: (input check, streamed output)."""
     policy = load_policy(REPO / "bundles" / "demo")
-    prompt = next(prompts(0, itertools.count()))
+    prompt = pii_prompt(1)
     chunks = [ANSWER[i : i + 4] for i in range(0, len(ANSWER), 4)]  # ~a token each
     started = time.perf_counter()
     for _ in range(rounds):
@@ -76,7 +76,7 @@ def measure(base: str, label: str, requests_each: int) -> dict[str, float]:
     counter = itertools.count()
 
     def client(index: int) -> None:
-        mine = prompts(index, counter)
+        mine = bench_serve.prompts_for("distinct", index, counter)
         for _ in range(requests_each):
             streams.append(bench_serve.stream_completion(base, next(mine)))
 
@@ -92,8 +92,7 @@ def measure(base: str, label: str, requests_each: int) -> dict[str, float]:
     m = bench_serve.summarise(label, "distinct", CLIENTS, wall, streams)
     print(
         f"{label:<11} {len(streams)} requests  p50 {m.p50:5.2f} s  p95 {m.p95:5.2f} s  "
-        f"TTFT p95 {m.ttft_p95:5.2f} s  {m.tokens_per_second:6.1f} tok/s  "
-        f"{cpu:5.2f} CPU-s/request",
+        f"TTFT p95 {m.ttft_p95:5.2f} s  {cpu:5.2f} CPU-s/request",
         flush=True,
     )
     return {"p50": m.p50, "p95": m.p95, "ttft_p95": m.ttft_p95, "cpu": cpu}
@@ -119,7 +118,7 @@ def serve(home: Path, ref: str, base: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=8, help="requests per client per run")
+    parser.add_argument("--requests", type=int, default=16, help="requests per client per run")
     parser.add_argument("--model", type=Path, help="a GGUF instead of the embedded default")
     args = parser.parse_args()
 
