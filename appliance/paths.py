@@ -42,6 +42,10 @@ class AppliancePaths:
         """Same filesystem as releases_dir, so a finished install is one rename away."""
         return self.state_dir / "staging"
 
+    def corpus_index(self, manifest_sha256: str) -> Path:
+        """The FTS5 index of a release's signed corpus: derived, rebuilt when missing."""
+        return self.cache_dir / "indexes" / f"{manifest_sha256}.sqlite"
+
     @property
     def admin_lock(self) -> Path:
         return self.state_dir / "admin.lock"

@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_bundle_dir
+from conftest import DEMO_BUNDLE, REPO, write_bundle_dir
 
 from appliance.trust.gguf_check import check_gguf_header
 
@@ -22,11 +22,13 @@ SIGNED_FILES = {
     "eval/golden/facts.jsonl",
     "eval/golden/formats.jsonl",
     "eval/golden/redteam.jsonl",
+    "eval/golden/retrieval.jsonl",
     "eval/golden/safety.jsonl",
     "eval/spec.toml",
     "model.gguf",
     "policy.toml",
     "serving.json",
+    *(f"corpus/{doc.name}" for doc in (DEMO_BUNDLE / "corpus").iterdir()),
 }
 
 

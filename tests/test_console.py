@@ -154,6 +154,7 @@ def fixed_snapshot() -> Snapshot:
             ],
         },
         "overall": {"passed": 16, "n": 30},
+        "retrieval": {"k": 3, "precision_at_k": 0.62, "recall_at_k": 0.69, "mrr": 0.94},
         "latency_ms": {"p95": 7683.0},
         "suites": {
             "facts": {"pass_rate": 0.5, "wilson_95": [0.24, 0.76]},

@@ -24,6 +24,7 @@ from appliance.bundler.spec import BundleSpec
 from appliance.errors import IntegrityError, UsageError
 from appliance.guard.policy import POLICY_FILE
 from appliance.paths import appliance_paths
+from appliance.retrieval.corpus import CORPUS_DIR
 from appliance.trust.archive import MODEL_FILE, signature_entry_name
 from appliance.trust.crypto import SigningKey
 from appliance.trust.digest import sha256_file
@@ -68,6 +69,7 @@ def build_bundle(
         }
         if spec.safety_policy is not None:
             contents[POLICY_FILE] = spec.safety_policy.read_bytes()
+        contents |= {f"{CORPUS_DIR}/{f.name}": f.read_bytes() for f in spec.corpus}
         known = {source: source_sha256}
         files = {name: _entry(data, known, progress) for name, data in contents.items()}
         release = ReleaseMetadata(

@@ -10,12 +10,14 @@ from typing import Any
 
 from appliance.errors import UsageError
 from appliance.guard.policy import parse_policy
+from appliance.retrieval.corpus import passages_of
 from appliance.serve.policy import RoutingPolicy
 from appliance.trust.manifest import MAX_SEQUENCE, NAME_PATTERN, VERSION_PATTERN
 
 EMBEDDED_MODELS = ("gemma3-270m-q4_k_m",)
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
 _GOLDEN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\.jsonl$")
+_CORPUS_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\.(md|jsonl)$")
 _SERVING_DEFAULTS: dict[str, Any] = {
     "context_size": 2048,
     "threads": 0,  # 0: as many as the host has cores
@@ -43,6 +45,7 @@ class BundleSpec:
     chat_template: Path | None = None
     routing: dict[str, Any] = field(default_factory=dict)  # the routing policy, as written
     safety_policy: Path | None = None  # policy.toml: detectors and actions (appliance.guard)
+    corpus: tuple[Path, ...] = ()  # documents for retrieval, signed as corpus/<file name>
 
 
 def load_bundle_spec(path: Path) -> BundleSpec:
@@ -84,14 +87,9 @@ def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
         raise UsageError(f"{path}: quantize must be one of {', '.join(QUANT_TYPES)}")
     serving_raw = dict(raw.get("serving", {}))
     template = serving_raw.pop("chat_template", None)
-    golden = tuple(_existing(base, g) for g in evals["golden"])
-    for g in golden:
-        if not _GOLDEN_NAME.fullmatch(g.name):
-            raise UsageError(
-                f"{path}: golden set file name {g.name!r} must match {_GOLDEN_NAME.pattern}"
-            )
-    if len({g.name for g in golden}) != len(golden):
-        raise UsageError(f"{path}: two golden sets share a file name")
+    golden = _named_files(path, evals["golden"], _GOLDEN_NAME, "golden set")
+    corpus = _named_files(path, raw.get("retrieval", {}).get("corpus", []), _CORPUS_NAME, "corpus")
+    passages_of(list(corpus))  # a corpus that does not parse is refused at build time
     safety = raw.get("safety", {})
     safety_policy = _existing(base, safety["policy"]) if "policy" in safety else None
     if safety_policy is not None:
@@ -113,7 +111,21 @@ def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
         chat_template=_existing(base, template) if template else None,
         routing=RoutingPolicy.from_dict(raw.get("routing", {}), f"{path}: [routing]").as_dict(),
         safety_policy=safety_policy,
+        corpus=corpus,
     )
+
+
+def _named_files(
+    path: Path, listed: list[str], pattern: re.Pattern[str], what: str
+) -> tuple[Path, ...]:
+    """Files bundle.toml lists, each existing, with a name the bundle allows, none twice."""
+    files = tuple(_existing(path.parent, f) for f in listed)
+    for f in files:
+        if not pattern.fullmatch(f.name):
+            raise UsageError(f"{path}: {what} file name {f.name!r} must match {pattern.pattern}")
+    if len({f.name for f in files}) != len(files):
+        raise UsageError(f"{path}: two {what} files share a file name")
+    return files
 
 
 def _existing(base: Path, relative: str) -> Path:

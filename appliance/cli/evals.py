@@ -47,9 +47,10 @@ def run(
 
     The spec's [load] section says how many requests are in flight. Exits 0 when the
     gate passes, else with the first failed criterion's code: 40 suite pass rate,
-    41 defect rate, 42 p95 latency, 43 cost per success, 44 regression; 45 when quality
-    passed but latency and cost are inconclusive (other processes kept the host busy:
-    rerun on a quiet host).
+    41 defect rate, 42 p95 latency, 43 cost per success, 44 regression, 46 retrieval
+    (precision@k, recall@k or MRR under the spec's minimum); 45 when quality passed but
+    latency and cost are inconclusive (other processes kept the host busy: rerun on a
+    quiet host).
     """
     baseline_ref = None if baseline == "none" else baseline
     plan = plan_evaluation(store, ref, baseline_ref)

@@ -260,6 +260,13 @@ class ConsoleApp(App[None]):
                 f"{overall['n']}  p95 {_ms(lat['p95'])}  cost/success "
                 f"{_num(report['cost_per_success'])}  spec {report['spec_hash'][:12]}"
             )
+            retrieval = report.get("retrieval")
+            if retrieval:  # side by side: which one moved, the passages or the answers
+                lines.append(
+                    f"  answers {overall['passed'] / max(overall['n'], 1):.2f} passed | "
+                    f"retrieval@{retrieval['k']}: precision {retrieval['precision_at_k']:.2f} "
+                    f"recall {retrieval['recall_at_k']:.2f} MRR {retrieval['mrr']:.2f}"
+                )
             for name, suite in report["suites"].items():
                 low, high = suite["wilson_95"]
                 lines.append(f"  {name:<12} {suite['pass_rate']:.2f} [{low:.2f}, {high:.2f}]")

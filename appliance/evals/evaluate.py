@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from appliance.evals.runner import (
     run_over_http,
 )
 from appliance.evals.spec import EvalSpec, load_spec
+from appliance.retrieval.corpus import CORPUS_DIR, corpus_hash, load_corpus
+from appliance.retrieval.index import Index, build_index
+from appliance.retrieval.quality import judge_retrieval
 from appliance.serve.config import ServiceOptions, ServingConfig
 from appliance.serve.localpath import open_cold_path
 from appliance.serve.policy import RoutingPolicy
@@ -84,14 +88,39 @@ def evaluate_release(
     if baseline is not None:
         with routing_for(store, baseline) as routing:
             compared = (baseline.ref, run_in_process(spec, Path(baseline.path), progress, routing))
+    retrieval = judge_release_retrieval(spec, Path(release.path))
     report = build_report(
-        spec, run, release.ref, release.manifest_sha256, release.spec_hash, host_id(), compared
+        spec,
+        run,
+        release.ref,
+        release.manifest_sha256,
+        release.spec_hash,
+        host_id(),
+        compared,
+        retrieval,
     )
     files = write_reports(
         report, store.paths.state_dir / "reports" / release.name / release.version
     )
     report_id = store.record_eval_report(release, report["gate"]["passed"], json.dumps(report))
     return Evaluation(report, files, report_id)
+
+
+def judge_release_retrieval(spec: EvalSpec, release_dir: Path) -> dict[str, Any] | None:
+    """The spec's retrieval cases on an index of the (verified) release's signed corpus,
+    built the way the installer builds it; None when the spec has no retrieval cases."""
+    if spec.retrieval is None:
+        return None
+    corpus = release_dir / CORPUS_DIR
+    with tempfile.TemporaryDirectory(prefix="retrieval-") as work:
+        path = Path(work) / "index.sqlite"
+        build_index(load_corpus(corpus), path)
+        index = Index(path)
+        try:
+            judged = judge_retrieval(index, list(spec.retrieval.cases), spec.retrieval.k)
+        finally:
+            index.close()
+    return {**judged, "minimums": spec.retrieval.minimums(), "corpus_sha256": corpus_hash(corpus)}
 
 
 @contextmanager

@@ -33,6 +33,7 @@ CRITERIA = {
     "p95_latency": 42,
     "cost_per_success": 43,
     "regression": 44,
+    "retrieval": 46,
 }
 # Latency and cost were measured on a host other processes kept busy: not judged.
 INCONCLUSIVE_EXIT = 45
@@ -46,7 +47,10 @@ def build_report(
     spec_hash: str,
     host: str,
     baseline: tuple[str, RunResult] | None = None,
+    retrieval: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The report of a run; `retrieval` is appliance.retrieval.quality's judgement of the
+    spec's retrieval cases (with their "minimums"), kept apart from answer quality."""
     cases = run.cases
     successes = sum(c.passed for c in cases)
     latencies = [c.latency_ms for c in cases]
@@ -95,6 +99,7 @@ def build_report(
         "cost_per_success": cost / successes if successes else None,
         "routing": _routing(cases, cpu_cost),
         "safety": _safety(cases),
+        "retrieval": retrieval,
         "regression": _regression(spec, cases, baseline),
         "cases": [asdict(c) for c in cases],
     }
@@ -154,6 +159,28 @@ def _safety_line(safety: dict[str, Any] | None) -> str:
         f"- Safety policy: {found}; {safety['refused']} request(s) refused, "
         f"{safety['stopped']} answer(s) stopped"
     )
+
+
+RETRIEVAL_MEASURES = (
+    ("precision_at_k", "precision@k"),
+    ("recall_at_k", "recall@k"),
+    ("mrr", "MRR"),
+)
+
+
+def _retrieval_line(retrieval: dict[str, Any] | None) -> str:
+    if not retrieval:
+        return "- Retrieval: not measured (the spec has no retrieval cases)"
+    minimums = retrieval.get("minimums", {})
+    shown = ", ".join(
+        f"{label} {retrieval[key]:.2f}" + (f" (min {minimums[key]:.2f})" if key in minimums else "")
+        for key, label in (
+            ("precision_at_k", "precision@k"),
+            ("recall_at_k", "recall@k"),
+            ("mrr", "MRR"),
+        )
+    )
+    return f"- Retrieval, {retrieval['cases']} cases at k = {retrieval['k']}: {shown}"
 
 
 def _routing_line(routing: dict[str, Any] | None) -> str:
@@ -271,6 +298,15 @@ def gate_verdict(spec: EvalSpec, report: dict[str, Any]) -> dict[str, Any]:
                 f"(McNemar p = {regression['mcnemar_p']:.4f})",
             }
         )
+    retrieval = report.get("retrieval") or {}
+    for measure, minimum in retrieval.get("minimums", {}).items():
+        if retrieval[measure] < minimum:
+            failures.append(
+                {
+                    "criterion": "retrieval",
+                    "detail": f"{measure} {retrieval[measure]:.2f} < {minimum:.2f}",
+                }
+            )
     failures.sort(key=lambda f: CRITERIA[f["criterion"]])
     inconclusive = []
     busy = report["host_state"]["busy_share"]
@@ -338,6 +374,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"cost per successful case {_number(report['cost_per_success'])}",
         _routing_line(report.get("routing")),
         _safety_line(report.get("safety")),
+        _retrieval_line(report.get("retrieval")),
         "",
         "| suite | pass rate (95% Wilson) | minimum |",
         "|---|---|---|",

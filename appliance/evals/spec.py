@@ -15,6 +15,7 @@ from typing import Any
 
 from appliance.errors import UsageError
 from appliance.evals.scorers import REQUIRED_KEYS, SCORERS
+from appliance.retrieval.quality import RetrievalCase
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,26 @@ class Online:
 
 
 @dataclass(frozen=True)
+class RetrievalSpec:
+    """Retrieval judged apart from generation: each case's query against the passages it
+    labels relevant, at `k`, with a minimum for each measure (None: reported, not gated)."""
+
+    cases: tuple[RetrievalCase, ...]
+    k: int = 3
+    min_precision_at_k: float | None = None
+    min_recall_at_k: float | None = None
+    min_mrr: float | None = None
+
+    def minimums(self) -> dict[str, float]:
+        named = {
+            "precision_at_k": self.min_precision_at_k,
+            "recall_at_k": self.min_recall_at_k,
+            "mrr": self.min_mrr,
+        }
+        return {name: value for name, value in named.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     name: str
     temperature: float
@@ -94,6 +115,7 @@ class EvalSpec:
     gates: Gates
     load: Load = Load()
     online: Online = Online()
+    retrieval: RetrievalSpec | None = None
 
     @property
     def cases(self) -> list[Case]:
@@ -115,6 +137,7 @@ def load_spec(release_dir: Path) -> EvalSpec:
             gates=Gates(**gates),
             load=Load(**raw.get("load", {})),
             online=_online(raw.get("online", {})),
+            retrieval=_retrieval(release_dir / "eval", raw.get("retrieval")),
         )
         if not 1 <= spec.load.clients <= 64:
             raise ValueError(f"load.clients must be 1 to 64, not {spec.load.clients}")
@@ -143,6 +166,29 @@ def _online(raw: dict[str, Any]) -> Online:
     if unknown:
         raise ValueError(f"[online] has unknown settings: {', '.join(unknown)}")
     return Online(checks=tuple(checks), **{k: float(v) for k, v in margins.items()})
+
+
+def _retrieval(eval_dir: Path, raw: dict[str, Any] | None) -> RetrievalSpec | None:
+    """[retrieval]: file (JSONL of {"id", "query", "relevant": [passage ids]}), k, and
+    min_precision_at_k, min_recall_at_k, min_mrr."""
+    if raw is None:
+        return None
+    settings = dict(raw)
+    lines = (eval_dir / settings.pop("file")).read_text().splitlines()
+    cases = []
+    for line in (json.loads(line) for line in lines if line.strip()):
+        relevant = tuple(str(i) for i in line["relevant"])
+        if not relevant:
+            raise ValueError(f"retrieval case {line['id']} labels no relevant passage")
+        cases.append(RetrievalCase(str(line["id"]), str(line["query"]), relevant))
+    known = {f.name for f in fields(RetrievalSpec)} - {"cases"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"[retrieval] has unknown settings: {', '.join(unknown)}")
+    spec = RetrievalSpec(tuple(cases), **settings)
+    if not 1 <= spec.k <= 50:
+        raise ValueError(f"retrieval k must be 1 to 50, not {spec.k}")
+    return spec
 
 
 def _suite(eval_dir: Path, raw: dict[str, Any]) -> Suite:

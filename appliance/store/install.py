@@ -24,6 +24,7 @@ from sqlite_utils import Database
 
 from appliance.errors import HostError, ReplayError
 from appliance.paths import AppliancePaths
+from appliance.retrieval.index import index_corpus
 from appliance.store import audit
 from appliance.store.faults import fault_point
 from appliance.store.gate import spec_hash
@@ -118,6 +119,7 @@ def _install(
     fault_point("install.after_extract")
     probe(staging)
     manifest = verified.manifest
+    index_corpus(staging, paths.corpus_index(_manifest_sha256(manifest)))  # none: a no-op
     _seal(staging)
     target = paths.releases_dir / manifest.release.name / manifest.release.version
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -23,10 +23,10 @@ GIB = 1 << 30
 # Matched with fullmatch: "$" would also accept a name with a trailing newline.
 _CONTENT_NAME = re.compile(
     r"^(serving\.json|model\.gguf|policy\.toml|cards/(model|data)-card\.md|eval/spec\.toml"
-    r"|eval/golden/[a-z0-9][a-z0-9_-]{0,63}\.jsonl)$"
+    r"|eval/golden/[a-z0-9][a-z0-9_-]{0,63}\.jsonl|corpus/[a-z0-9][a-z0-9_-]{0,63}\.(md|jsonl))$"
 )
 _SIGNATURE_NAME = re.compile(r"^signatures/[0-9]{2}\.sig$")
-_DIRECTORY_NAMES = frozenset({"cards", "eval", "eval/golden", SIGNATURE_DIR})
+_DIRECTORY_NAMES = frozenset({"cards", "corpus", "eval", "eval/golden", SIGNATURE_DIR})
 _REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 
 
