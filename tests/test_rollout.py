@@ -283,7 +283,7 @@ def test_too_little_traffic_is_inconclusive_and_a_freeze_holds_the_canary(
     try:
         assert wait_for(
             lambda: (status()["rollout"]["last_check"] or {}).get("decision") == "proceed", 60
-        )
+        ), status()["rollout"]  # the judge's last look says why not
         time.sleep(3)
         held = status()["rollout"]
     finally:

@@ -112,12 +112,12 @@ def redact(detector: str) -> str:
 
 def mask(matched: str) -> str:
     """Every letter and digit as '*' but the last four, separators kept: "**** **** **** 1111"."""
-    keep = sum(c.isalnum() for c in matched) - 4
+    to_hide = sum(c.isalnum() for c in matched) - 4
     out = []
     for c in matched:
         if c.isalnum():
-            out.append("*" if keep > 0 else c)
-            keep -= 1
+            out.append("*" if to_hide > 0 else c)
+            to_hide -= 1
         else:
             out.append(c)
     return "".join(out)
