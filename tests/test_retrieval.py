@@ -108,6 +108,13 @@ def test_the_corpus_is_signed_and_indexed_at_install(tmp_path, tiny_gguf, truste
         assert index.search("roll back to the previous release", 1).ids[0].startswith("rollback#")
     finally:
         index.close()
+    # operators search the same index; a lost index is rebuilt from the verified corpus
+    appliance_paths().corpus_index(sha).unlink()
+    searched = run_cli("release", "search", "demo@1.0.0", "the disk is full", "-k", "2", "--json")
+    assert searched.exit_code == 0, searched.output
+    hits = json.loads(searched.stdout)["hits"]
+    assert len(hits) == 2 and hits[0]["id"].startswith("disk-full#")
+    assert appliance_paths().corpus_index(sha).is_file()
 
 
 def test_a_bad_corpus_is_refused_at_build_time(tmp_path, tiny_gguf):

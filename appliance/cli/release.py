@@ -1,4 +1,5 @@
-"""`appliance release`: install, list, show, activate, roll back, freeze, remove, verify."""
+"""`appliance release`: install, list, show, activate, roll back, freeze, remove, verify,
+search."""
 
 from __future__ import annotations
 
@@ -196,6 +197,47 @@ def verify(store: ReleaseStore, ref: str | None, as_json: bool) -> None:
         {"verified": ref, "signers": list(verified.signers)},
         f"VERIFIED installed release {ref}: signatures and every file's sha256 match",
     )
+
+
+@release.command()
+@click.argument("ref", metavar="NAME@VERSION")
+@click.argument("query")
+@click.option("-k", "k", type=click.IntRange(1, 50), default=3, show_default=True)
+@json_option
+@pass_store
+def search(store: ReleaseStore, ref: str, query: str, k: int, as_json: bool) -> None:
+    """Search a release's signed corpus as retrieval does: the top K passages for QUERY.
+
+    The release is re-verified first; its index (built at install) is rebuilt from the
+    verified corpus if the cache lost it."""
+    from appliance.retrieval.index import Index, index_corpus
+
+    with store.reading() as db:
+        installed = store.release(db, ref)
+    store.verify_installed(installed)
+    path = store.paths.corpus_index(installed.manifest_sha256)
+    if not path.is_file() and not index_corpus(Path(installed.path), path):
+        raise StoreError(f"{ref} has no corpus: its bundle.toml lists no [retrieval] corpus")
+    index = Index(path)
+    try:
+        found = index.search(query, k)
+    finally:
+        index.close()
+    if as_json:
+        emit_json(
+            {
+                "release": ref,
+                "query": query,
+                "k": k,
+                "seconds": found.seconds,
+                "hits": [{"id": h.id, "title": h.title, "score": h.score} for h in found.hits],
+            }
+        )
+        return
+    if not found.hits:
+        click.echo("no passage matches")
+    for rank, hit in enumerate(found.hits, start=1):
+        click.echo(f"{rank}. {hit.id}  ({hit.title}; score {hit.score:.4f})")
 
 
 def _state_of(r: Release, state: StoreState) -> str:
