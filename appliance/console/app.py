@@ -16,6 +16,7 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen
 from textual.widgets import (
     Button,
@@ -190,14 +191,17 @@ class ConsoleApp(App[None]):
 
     def show_snapshot(self, snap: Snapshot) -> None:
         self.snapshot = snap
-        self._show_dashboard(snap)
-        self._show_releases(snap)
-        self._show_evals(snap)
-        self._show_audit(snap)
-        self._show_keys(snap)
-        self._show_rollout(snap)
-        self._show_routing(snap)
-        self._show_safety(snap)
+        try:
+            self._show_dashboard(snap)
+            self._show_releases(snap)
+            self._show_evals(snap)
+            self._show_audit(snap)
+            self._show_keys(snap)
+            self._show_rollout(snap)
+            self._show_routing(snap)
+            self._show_safety(snap)
+        except NoMatches:  # the app is closing: a refresh finished after its widgets went
+            return
 
     def _show_dashboard(self, snap: Snapshot) -> None:
         w, service = snap.window, snap.service
