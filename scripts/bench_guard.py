@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,7 +36,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serve  # noqa: E402 - the streaming client and its summary
-from bench_shadow import appliance, free_port, metric, release_source, wait  # noqa: E402
+from bench_shadow import appliance, metric, release_source, serving, wait  # noqa: E402
 
 from appliance.guard.policy import load_policy  # noqa: E402
 
@@ -131,26 +129,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-guard-"))
     home = work / "home"
     prepare(home, work, args.model)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     appliance(home, "release", "activate", "demo@1.0.0", "--force", "--reason", "benchmark")
-    log = open(work / "serve.log", "w")  # noqa: SIM115 - lives as long as the server
-    server = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--insecure-no-auth"],
-        env={**os.environ, "APPLIANCE_HOME": str(home)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    runs: dict[str, list[dict[str, float]]] = {}
     try:
-        wait(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200)
-        measure(base, "warm-up", 1)
-        runs = {}
-        for label, ref in (("policy on", "1.0.0"), ("policy off", "1.1.0"), ("policy on", "1.0.0")):
-            serve(home, f"demo@{ref}", base)
-            runs.setdefault(label, []).append(measure(base, label, args.requests))
+        with serving(home, work / "serve.log") as base:
+            measure(base, "warm-up", 1)
+            for label, ref in (
+                ("policy on", "1.0.0"),
+                ("policy off", "1.1.0"),
+                ("policy on", "1.0.0"),
+            ):
+                serve(home, f"demo@{ref}", base)
+                runs.setdefault(label, []).append(measure(base, label, args.requests))
     finally:
-        server.terminate()
-        server.wait(60)
         shutil.rmtree(work, ignore_errors=True)
     off = runs["policy off"][0]
     print()

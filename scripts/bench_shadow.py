@@ -17,6 +17,7 @@ the shadow answered and dropped, and the judge's last verdict on the shadow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -144,46 +146,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-shadow-"))
     home = work / "home"
     prepare(home, work, args.model)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(work / "serve.log", "w")  # noqa: SIM115 - lives as long as the server
-    server = subprocess.Popen(
-        [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--insecure-no-auth"],
-        env={**os.environ, "APPLIANCE_HOME": str(home)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     try:
-        wait(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200)
-        measure(base, "warm-up", 1, 0)
-        before = measure(base, "no shadow", args.requests, args.think)
-        appliance(
-            home,
-            "rollout",
-            "start",
-            "demo@1.1.0",
-            "--shadow",
-            "--percent",
-            "100",
-            "--interval",
-            "10s",
-        )
-        wait(lambda: "rollout" in httpx.get(f"{base}/readyz", timeout=1).json())
-        shadowed = measure(base, "shadow 100%", args.requests, args.think)
-        answered = metric(
-            base,
-            r'^appliance_release_requests_total\{release="demo@1\.1\.0",'
-            r'role="shadow",status="200"\}',
-        )
-        dropped = metric(base, r"^appliance_shadow_dropped_total")
-        look = appliance(home, "rollout", "status")["rollout"]["last_check"] or {}
-        appliance(home, "rollout", "abort", "--reason", "benchmark done")
-        wait(lambda: "rollout" not in httpx.get(f"{base}/readyz", timeout=1).json())
-        time.sleep(UNLOAD_SECONDS)  # the candidate is unloaded in the background
-        after = measure(base, "no shadow", args.requests, args.think)
+        with serving(home, work / "serve.log") as base:
+            shadowed, before, after, answered, dropped, look = run(home, base, args)
     finally:
-        server.terminate()
-        server.wait(60)
         shutil.rmtree(work, ignore_errors=True)
     p50, p95 = (shadowed[i] / ((before[i] + after[i]) / 2) for i in (0, 1))
     print(
@@ -192,6 +158,57 @@ def main() -> None:
         f"the shadow answered {answered:.0f} copies and dropped {dropped:.0f}; the judge's "
         f"last look: {look.get('verdict', '-')} ({look.get('why', '')})"
     )
+
+
+def run(home: Path, base: str, args: argparse.Namespace) -> tuple:
+    """No shadow, a 100% shadow, no shadow again: stable's figures in each, and the shadow's."""
+    measure(base, "warm-up", 1, 0)
+    before = measure(base, "no shadow", args.requests, args.think)
+    appliance(
+        home,
+        "rollout",
+        "start",
+        "demo@1.1.0",
+        "--shadow",
+        "--percent",
+        "100",
+        "--interval",
+        "10s",
+    )
+    wait(lambda: "rollout" in httpx.get(f"{base}/readyz", timeout=1).json())
+    shadowed = measure(base, "shadow 100%", args.requests, args.think)
+    answered = metric(
+        base,
+        r'^appliance_release_requests_total\{release="demo@1\.1\.0",'
+        r'role="shadow",status="200"\}',
+    )
+    dropped = metric(base, r"^appliance_shadow_dropped_total")
+    look = appliance(home, "rollout", "status")["rollout"]["last_check"] or {}
+    appliance(home, "rollout", "abort", "--reason", "benchmark done")
+    wait(lambda: "rollout" not in httpx.get(f"{base}/readyz", timeout=1).json())
+    time.sleep(UNLOAD_SECONDS)  # the candidate is unloaded in the background
+    after = measure(base, "no shadow", args.requests, args.think)
+    return shadowed, before, after, answered, dropped, look
+
+
+@contextlib.contextmanager
+def serving(home: Path, log: Path) -> Iterator[str]:
+    """`appliance serve` on a free loopback port, ready; yields its base URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--insecure-no-auth"],
+            env={**os.environ, "APPLIANCE_HOME": str(home)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200)
+            yield base
+        finally:
+            server.terminate()
+            server.wait(60)
 
 
 def free_port() -> int:

@@ -376,7 +376,7 @@ def test_findings_are_counted_and_nothing_raw_is_recorded(guarded):
 def test_the_gate_judges_the_release_with_its_policy_in_process_and_over_http(
     guarded, greedy_answer
 ):
-    server, policy = guarded
+    server, _policy = guarded
     stopped = service_policy(greedy_answer)[1]
     assert stopped in greedy_answer  # the bare model fails the case
     ref, home = "demo@1.0.0", server.home

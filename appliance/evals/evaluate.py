@@ -108,7 +108,9 @@ def evaluate_release(
 
 def judge_release_retrieval(spec: EvalSpec, release_dir: Path) -> dict[str, Any] | None:
     """The spec's retrieval cases on an index of the (verified) release's signed corpus,
-    built the way the installer builds it; None when the spec has no retrieval cases."""
+    built the way the installer builds it; None when the spec has no retrieval cases. It is
+    built afresh rather than read from the cache: the cache is not signed, and the gate
+    judges only what was verified (a build takes milliseconds)."""
     if spec.retrieval is None:
         return None
     corpus = release_dir / CORPUS_DIR

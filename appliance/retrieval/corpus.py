@@ -32,7 +32,7 @@ class Passage:
 
 def load_corpus(corpus_dir: Path) -> list[Passage]:
     """Every passage of the corpus files in `corpus_dir` (none if it has none)."""
-    return passages_of(sorted(corpus_dir.iterdir()) if corpus_dir.is_dir() else [])
+    return passages_of(list(corpus_dir.iterdir()) if corpus_dir.is_dir() else [])
 
 
 def passages_of(files: list[Path]) -> list[Passage]:
@@ -58,8 +58,8 @@ def corpus_hash(corpus_dir: Path) -> str:
     """sha256 over the corpus files' names and bytes: names the corpus a record was made on."""
     digest = hashlib.sha256()
     for path in sorted(corpus_dir.iterdir()) if corpus_dir.is_dir() else ():
-        digest.update(f"{path.name}\n{len(path.read_bytes())}\n".encode())
-        digest.update(path.read_bytes())
+        data = path.read_bytes()
+        digest.update(f"{path.name}\n{len(data)}\n".encode() + data)
     return digest.hexdigest()
 
 

@@ -117,25 +117,21 @@ class Index:
         return Retrieval(query, k, tuple(hits), time.perf_counter() - started)
 
     def _words(self, query: str) -> list[int]:
-        terms = [t for t in _WORD.findall(query.lower()) if t not in STOPWORDS]
-        if not terms:
-            return []
-        match = " OR ".join(f'"{term}"' for term in terms)
-        rows = self._db.execute(
-            "SELECT rowid FROM words WHERE words MATCH ? "
-            f"ORDER BY bm25(words, {TITLE_WEIGHT}, 1.0) LIMIT {CANDIDATES}",
-            [match],
+        return self._ranked(
+            "words", [t for t in _WORD.findall(query.lower()) if t not in STOPWORDS]
         )
-        return [row[0] for row in rows]
 
     def _grams(self, query: str) -> list[int]:
-        codes = [c for c in _IDENTIFIER.findall(query) if len(c) >= 3]
-        if not codes:
+        return self._ranked("grams", [c for c in _IDENTIFIER.findall(query) if len(c) >= 3])
+
+    def _ranked(self, table: str, terms: list[str]) -> list[int]:
+        """Row ids of `table`'s best CANDIDATES for any of the terms, by weighted BM25."""
+        if not terms:
             return []
-        match = " OR ".join('"' + code.replace('"', '""') + '"' for code in codes)
+        match = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
         rows = self._db.execute(
-            "SELECT rowid FROM grams WHERE grams MATCH ? "
-            f"ORDER BY bm25(grams, {TITLE_WEIGHT}, 1.0) LIMIT {CANDIDATES}",
+            f"SELECT rowid FROM {table} WHERE {table} MATCH ? "
+            f"ORDER BY bm25({table}, {TITLE_WEIGHT}, 1.0) LIMIT {CANDIDATES}",
             [match],
         )
         return [row[0] for row in rows]

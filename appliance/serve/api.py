@@ -211,10 +211,7 @@ def _guard_input(
 ) -> Asked:
     """The request as the release's safety policy lets it through: redacted where it says
     so, refused (400, code content_filter) where it denies; what it did goes to `routed`."""
-    policy = chosen.runtime.safety
-    if policy.input is None:
-        return asked
-    texts, verdict = policy.check_inputs(asked.texts())
+    texts, verdict = chosen.runtime.safety.check_inputs(asked.texts())
     routed.guard = list(verdict.applied)
     if verdict.blocked:
         record(service, chosen, kind, 400, arrived, error_class=CONTENT_FILTER, routed=routed)
@@ -250,10 +247,11 @@ async def _serve(
     for _attempt in range(3):
         routed = Routed()
         chosen = route(request, asked.body.model)
-        # in a worker thread too: detectors on a huge prompt take time
-        checked = await run_in_threadpool(
-            _guard_input, service, chosen, asked, kind, routed, arrived
-        )
+        checked = asked
+        if chosen.runtime.safety.input is not None:  # in a worker: a huge prompt takes time
+            checked = await run_in_threadpool(
+                _guard_input, service, chosen, asked, kind, routed, arrived
+            )
         body = checked.body
         if service.routing.fallback and service.cold_paths():
             reason = INCIDENT if service.routing.incident else FALLBACK

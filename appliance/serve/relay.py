@@ -357,6 +357,7 @@ def record(
     """Count the request in /metrics and telemetry; run the online checks on its text and
     return how many it failed."""
     routed = routed or Routed()
+    applied = merged(routed.guard)
     now = time.time()
     release = route.runtime.model_id
     endpoint = "chat" if kind == "chat.completion" else "completions"
@@ -367,7 +368,7 @@ def record(
         service.metrics.count_route(
             routed.path, routed.escalation, status, now - arrived, routed.cold_tokens
         )
-        service.metrics.count_guard(merged(routed.guard))
+        service.metrics.count_guard(applied)
     service.metrics.by_release.labels(release=release, role=route.role, status=str(status)).inc()
     if failed:
         service.metrics.check_failures.labels(release=release, role=route.role).inc()
@@ -386,7 +387,7 @@ def record(
         route=routed.path,
         escalation=routed.escalation,
         cold_tokens=routed.cold_tokens,
-        guard=json.dumps([a.as_dict() for a in merged(routed.guard)]) if routed.guard else None,
+        guard=json.dumps([a.as_dict() for a in applied]) if applied else None,
     )
     if event is not None:
         service.metrics.prompt_tokens.inc(event.prompt_tokens)
