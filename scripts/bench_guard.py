@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -69,16 +70,26 @@ def policy_work(rounds: int = 200) -> tuple[float, float]:
     return inputs * 1000, outputs * 1000
 
 
-def measure(base: str, label: str, requests_each: int) -> dict[str, float]:
+def measure(
+    base: str,
+    label: str,
+    requests_each: int,
+    prompts: Callable[[int, Iterator[int]], Iterator[str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """CLIENTS clients each stream `requests_each` prompts (default: bench_serve's
+    "distinct"); latency, p95 TTFT, and the service's CPU and prompt tokens per request."""
     streams: list[bench_serve.Stream] = []
     counter = itertools.count()
+    prompts = prompts or (lambda index, n: bench_serve.prompts_for("distinct", index, n))
 
     def client(index: int) -> None:
-        mine = bench_serve.prompts_for("distinct", index, counter)
+        mine = prompts(index, counter)
         for _ in range(requests_each):
-            streams.append(bench_serve.stream_completion(base, next(mine)))
+            streams.append(bench_serve.stream_completion(base, next(mine), headers))
 
     cpu = metric(base, r"^process_cpu_seconds_total")
+    tokens = metric(base, r"^appliance_prompt_tokens_total")
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
     start = time.perf_counter()
     for thread in threads:
@@ -87,13 +98,14 @@ def measure(base: str, label: str, requests_each: int) -> dict[str, float]:
         thread.join()
     wall = time.perf_counter() - start
     cpu = (metric(base, r"^process_cpu_seconds_total") - cpu) / len(streams)
+    tokens = (metric(base, r"^appliance_prompt_tokens_total") - tokens) / len(streams)
     m = bench_serve.summarise(label, "distinct", CLIENTS, wall, streams)
     print(
-        f"{label:<11} {len(streams)} requests  p50 {m.p50:5.2f} s  p95 {m.p95:5.2f} s  "
-        f"TTFT p95 {m.ttft_p95:5.2f} s  {cpu:5.2f} CPU-s/request",
+        f"{label:<14} {len(streams)} requests  p50 {m.p50:5.2f} s  p95 {m.p95:5.2f} s  "
+        f"TTFT p95 {m.ttft_p95:5.2f} s  {tokens:4.0f} prompt tokens  {cpu:5.2f} CPU-s/request",
         flush=True,
     )
-    return {"p50": m.p50, "p95": m.p95, "ttft_p95": m.ttft_p95, "cpu": cpu}
+    return {"p50": m.p50, "p95": m.p95, "ttft_p95": m.ttft_p95, "cpu": cpu, "tokens": tokens}
 
 
 def prepare(home: Path, work: Path, model: Path | None) -> None:
@@ -143,13 +155,19 @@ def main() -> None:
                 runs.setdefault(label, []).append(measure(base, label, args.requests))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    off = runs["policy off"][0]
+    print_ratios(runs["policy on"], runs["policy off"][0])
+
+
+def print_ratios(on_runs: list[dict[str, float]], off: dict[str, float]) -> None:
+    """The "on" runs (their mean) against the "off" run: latency, CPU and prompt tokens."""
     print()
     for key, what in (("p50", "p50 latency"), ("p95", "p95 latency"), ("ttft_p95", "p95 TTFT")):
-        on = statistics.mean(run[key] for run in runs["policy on"])
+        on = statistics.mean(run[key] for run in on_runs)
         print(f"{what:<12} on/off: {on / off[key]:.3f}x ({1000 * (on - off[key]):+.0f} ms)")
-    on_cpu = statistics.mean(run["cpu"] for run in runs["policy on"])
+    on_cpu = statistics.mean(run["cpu"] for run in on_runs)
     print(f"CPU per request on/off: {on_cpu / off['cpu']:.3f}x ({on_cpu - off['cpu']:+.3f} s)")
+    on_tokens = statistics.mean(run["tokens"] for run in on_runs)
+    print(f"prompt tokens per request: on {on_tokens:.0f}, off {off['tokens']:.0f}")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, int(q / 100 * len(ordered) + 0.5) - 1)] if ordered else float("nan")
 
 
-def stream_completion(base: str, prompt: str) -> Stream:
+def stream_completion(base: str, prompt: str, headers: dict[str, str] | None = None) -> Stream:
     """One streamed request on a connection of its own (llama-server closes streamed
     connections, and reusing one races with that close)."""
     body = {
@@ -126,7 +126,7 @@ def stream_completion(base: str, prompt: str) -> Stream:
     result = Stream(time.perf_counter())
     with (
         httpx.Client(timeout=900) as http,
-        http.stream("POST", f"{base}/v1/completions", json=body) as response,
+        http.stream("POST", f"{base}/v1/completions", json=body, headers=headers) as response,
     ):
         response.raise_for_status()
         for line in response.iter_lines():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from click.testing import CliRunner
+
+from appliance.bundler.builder import build_bundle
+from appliance.bundler.spec import load_bundle_spec
+from appliance.cli import cli
+from appliance.trust.crypto import load_signing_key
+from appliance.trust.keyfiles import write_key_pair
 
 
 def free_port() -> int:
@@ -82,3 +90,24 @@ def wait_for(predicate, seconds: float = 15, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return False
+
+
+def appliance(home: Path, *args: object) -> tuple[int, dict]:
+    """Run the CLI with --json in `home`: its exit code and what it printed."""
+    result = CliRunner().invoke(cli, [*map(str, args), "--json"], env={"APPLIANCE_HOME": str(home)})
+    return result.exit_code, json.loads(result.stdout) if result.stdout.strip() else {}
+
+
+def serve_bundle(home: Path, toml: Path, out: Path) -> Server:
+    """Sign the bundle of `toml` with a key `home` trusts, install and activate it there
+    (its gate not run), and serve it with an API key (server.key)."""
+    keys = home / "etc" / "release-keys"
+    write_key_pair(keys, "release", None)
+    assert appliance(home, "keys", "trust", keys / "release.pub")[0] == 0
+    key = load_signing_key((keys / "release.key").read_bytes(), None)
+    bundle = build_bundle(load_bundle_spec(toml), [key], out).path
+    assert appliance(home, "release", "install", bundle)[0] == 0
+    assert appliance(home, "release", "activate", "demo@1.0.0", "--force", "--reason", "t")[0] == 0
+    running = start_server(home)
+    running.key = appliance(home, "apikeys", "create", "--name", "tests")[1]["key"]
+    return running

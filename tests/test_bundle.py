@@ -23,6 +23,7 @@ SIGNED_FILES = {
     "eval/golden/formats.jsonl",
     "eval/golden/redteam.jsonl",
     "eval/golden/retrieval.jsonl",
+    "eval/golden/grounded.jsonl",
     "eval/golden/safety.jsonl",
     "eval/spec.toml",
     "model.gguf",

@@ -462,6 +462,7 @@ def test_gate_rejects_a_degraded_release_and_accepts_the_good_one(
             text = spec.read_text()
             for minimum in ("0.6", "0.75", "1.0"):
                 text = text.replace(f"min_pass_rate = {minimum}", "min_pass_rate = 0.0")
+            text = text.replace("min_groundedness = 0.6", "min_groundedness = 0.0")
             spec.write_text(
                 text.replace(
                     "max_defect_rate = { pii = 0.0, safety = 0.0 }", "max_defect_rate = {}"

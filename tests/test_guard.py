@@ -11,19 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 import regex
-from click.testing import CliRunner
 from conftest import DEMO_BUNDLE, write_bundle_dir
 from prometheus_client.parser import text_string_to_metric_families
-from serving import Server, start_server, wait_for
+from serving import Server, appliance, serve_bundle, start_server, wait_for
 
-from appliance.bundler.builder import build_bundle
-from appliance.bundler.spec import load_bundle_spec
-from appliance.cli import cli
 from appliance.errors import UsageError
 from appliance.guard.detectors import Detectors, NationalId, pii_findings, stdnum_validator
 from appliance.guard.policy import Applied, load_policy, parse_policy
-from appliance.trust.crypto import load_signing_key
-from appliance.trust.keyfiles import write_key_pair
 
 CARD = "4111 1111 1111 1111"
 TEXT = {
@@ -213,11 +207,6 @@ PROMPT = "hello world"  # the tiny model answers with a few words among byte tok
 SAMPLING = {"max_tokens": 24, "temperature": 0, "seed": 7}
 
 
-def appliance(home: Path, *args: object) -> tuple[int, dict]:
-    result = CliRunner().invoke(cli, [*map(str, args), "--json"], env={"APPLIANCE_HOME": str(home)})
-    return result.exit_code, json.loads(result.stdout) if result.stdout.strip() else {}
-
-
 @pytest.fixture(scope="module")
 def greedy_answer(tmp_path_factory, tiny_gguf) -> str:
     """What the tiny model says to PROMPT with no policy in the way."""
@@ -266,15 +255,7 @@ def guarded(tmp_path_factory, tiny_gguf, greedy_answer):
     }
     with open(toml.parent / "eval/golden/redteam.jsonl", "a") as f:
         f.write(json.dumps(case) + "\n")
-    keys = home / "etc" / "release-keys"
-    write_key_pair(keys, "release", None)
-    assert appliance(home, "keys", "trust", keys / "release.pub")[0] == 0
-    key = load_signing_key((keys / "release.key").read_bytes(), None)
-    bundle = build_bundle(load_bundle_spec(toml), [key], work / "out").path
-    assert appliance(home, "release", "install", bundle)[0] == 0
-    assert appliance(home, "release", "activate", "demo@1.0.0", "--force", "--reason", "t")[0] == 0
-    running = start_server(home)
-    running.key = appliance(home, "apikeys", "create", "--name", "tests")[1]["key"]
+    running = serve_bundle(home, toml, work / "out")
     yield running, parse_policy(policy)
     running.stop()
 

@@ -139,6 +139,7 @@ def _serving_json(spec: BundleSpec) -> bytes:
     serving = dict(spec.serving)
     serving["chat_template"] = spec.chat_template.read_text() if spec.chat_template else None
     serving["routing"] = spec.routing
+    serving["retrieval"] = spec.retrieval
     return json.dumps(serving, indent=2, sort_keys=True).encode() + b"\n"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from appliance.errors import UsageError
 from appliance.guard.policy import parse_policy
+from appliance.retrieval.augment import RetrievalSettings
 from appliance.retrieval.corpus import passages_of
 from appliance.serve.policy import RoutingPolicy
 from appliance.trust.manifest import MAX_SEQUENCE, NAME_PATTERN, VERSION_PATTERN
@@ -46,6 +47,7 @@ class BundleSpec:
     routing: dict[str, Any] = field(default_factory=dict)  # the routing policy, as written
     safety_policy: Path | None = None  # policy.toml: detectors and actions (appliance.guard)
     corpus: tuple[Path, ...] = ()  # documents for retrieval, signed as corpus/<file name>
+    retrieval: dict[str, Any] = field(default_factory=dict)  # how the service retrieves
 
 
 def load_bundle_spec(path: Path) -> BundleSpec:
@@ -88,8 +90,12 @@ def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
     serving_raw = dict(raw.get("serving", {}))
     template = serving_raw.pop("chat_template", None)
     golden = _named_files(path, evals["golden"], _GOLDEN_NAME, "golden set")
-    corpus = _named_files(path, raw.get("retrieval", {}).get("corpus", []), _CORPUS_NAME, "corpus")
+    retrieval_raw = dict(raw.get("retrieval", {}))
+    corpus = _named_files(path, retrieval_raw.pop("corpus", []), _CORPUS_NAME, "corpus")
     passages_of(list(corpus))  # a corpus that does not parse is refused at build time
+    retrieval = RetrievalSettings.from_dict(retrieval_raw, f"{path}: [retrieval]")
+    if retrieval.endpoints and not corpus:
+        raise UsageError(f"{path}: [retrieval] names endpoints but lists no corpus")
     safety = raw.get("safety", {})
     safety_policy = _existing(base, safety["policy"]) if "policy" in safety else None
     if safety_policy is not None:
@@ -112,6 +118,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> BundleSpec:
         routing=RoutingPolicy.from_dict(raw.get("routing", {}), f"{path}: [routing]").as_dict(),
         safety_policy=safety_policy,
         corpus=corpus,
+        retrieval=retrieval.as_dict(),
     )
 
 

@@ -34,6 +34,7 @@ from appliance.console.state import ConsoleActions, Snapshot
 from appliance.errors import ApplianceError
 from appliance.evals.report import verdict_word
 from appliance.evals.stats import wilson_interval
+from appliance.telemetry.queries import RetrievalStats
 
 REFRESH_SECONDS = 2.0
 
@@ -153,6 +154,7 @@ class ConsoleApp(App[None]):
             with TabPane("Safety (s)", id="safety"):
                 yield Static("", id="safety-status")
                 yield DataTable(id="guard-table", cursor_type="row")
+                yield Static("", id="retrieval-status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -264,13 +266,18 @@ class ConsoleApp(App[None]):
                 f"{overall['n']}  p95 {_ms(lat['p95'])}  cost/success "
                 f"{_num(report['cost_per_success'])}  spec {report['spec_hash'][:12]}"
             )
-            retrieval = report.get("retrieval")
-            if retrieval:  # side by side: which one moved, the passages or the answers
-                lines.append(
-                    f"  answers {overall['passed'] / max(overall['n'], 1):.2f} passed | "
-                    f"retrieval@{retrieval['k']}: precision {retrieval['precision_at_k']:.2f} "
-                    f"recall {retrieval['recall_at_k']:.2f} MRR {retrieval['mrr']:.2f}"
-                )
+            retrieval, grounded = report.get("retrieval"), report.get("groundedness")
+            if retrieval or grounded:  # side by side: which moved, the passages or the answers
+                parts = [f"  answers {overall['passed'] / max(overall['n'], 1):.2f} passed"]
+                if retrieval:
+                    parts.append(
+                        f"retrieval@{retrieval['k']}: precision "
+                        f"{retrieval['precision_at_k']:.2f} recall {retrieval['recall_at_k']:.2f} "
+                        f"MRR {retrieval['mrr']:.2f}"
+                    )
+                if grounded:
+                    parts.append(f"grounded {grounded['groundedness']:.2f}")
+                lines.append(" | ".join(parts))
             for name, suite in report["suites"].items():
                 low, high = suite["wilson_95"]
                 lines.append(f"  {name:<12} {suite['pass_rate']:.2f} [{low:.2f}, {high:.2f}]")
@@ -413,6 +420,7 @@ class ConsoleApp(App[None]):
         table.clear()
         for (direction, detector, action), n in (guard.findings if guard else {}).items():
             table.add_row(direction, detector, action, str(n))
+        self.query_one("#retrieval-status", Static).update(_retrieval_lines(snap.retrieval))
 
     # -- navigation and actions --------------------------------------------------------
 
@@ -565,6 +573,20 @@ def _noise(look: dict) -> str:
 
 def _s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.2f}s"
+
+
+def _retrieval_lines(stats: RetrievalStats | None) -> str:
+    """Retrieval on its own: a fault in what it finds shows here, not in the answers."""
+    if stats is None or not stats.searches:
+        return "\n[b]Retrieval[/b]\nno request retrieved in the last 5 min"
+    p50, p95 = (
+        "-" if s is None else f"{s * 1000:.1f} ms" for s in (stats.latency_p50, stats.latency_p95)
+    )
+    top = ", ".join(f"{passage} {n}" for passage, n in stats.top_passages) or "-"
+    return (
+        f"\n[b]Retrieval[/b]\nlast 5 min: {stats.searches} searches, {stats.empty} found "
+        f"nothing, p50 {p50}, p95 {p95}\nmost retrieved: {top}"
+    )
 
 
 def _ms(ms: float | None) -> str:

@@ -43,10 +43,12 @@ from appliance.store.routing import (
 )
 from appliance.telemetry.queries import (
     GuardStats,
+    RetrievalStats,
     RouteStats,
     WindowStats,
     guard_stats,
     percentile,
+    retrieval_stats,
     route_stats,
     window_stats,
 )
@@ -103,6 +105,7 @@ class Snapshot:
     routes: tuple[RouteStats, ...] = ()  # the last window's requests by the path that answered
     guard: GuardStats | None = None  # what the safety policy did in the last window
     safety: SafetyPolicy | None = None  # the active release's signed policy (None: it has none)
+    retrieval: RetrievalStats | None = None  # the last window's retrievals
 
 
 def load_snapshot(
@@ -128,6 +131,7 @@ def load_snapshot(
         routing_now, registered = routing_state(db), tuple(targets(db))
         routes = tuple(route_stats(db, window_seconds, now))
         guard = guard_stats(db, window_seconds, now)
+        retrievals = retrieval_stats(db, window_seconds, now)
     finally:
         db.close()
     keys = tuple(
@@ -166,6 +170,7 @@ def load_snapshot(
         routes=routes,
         guard=guard,
         safety=_safety_policy(active),
+        retrieval=retrievals,
     )
 
 

@@ -16,13 +16,14 @@ from appliance.evals.runner import (
     CaseResult,
     Progress,
     Routing,
+    RunResult,
     run_in_process,
     run_over_http,
 )
 from appliance.evals.spec import EvalSpec, load_spec
 from appliance.retrieval.corpus import CORPUS_DIR, corpus_hash, load_corpus
 from appliance.retrieval.index import Index, build_index
-from appliance.retrieval.quality import judge_retrieval
+from appliance.retrieval.quality import judge_groundedness, judge_retrieval
 from appliance.serve.config import ServiceOptions, ServingConfig
 from appliance.serve.localpath import open_cold_path
 from appliance.serve.policy import RoutingPolicy
@@ -89,6 +90,7 @@ def evaluate_release(
         with routing_for(store, baseline) as routing:
             compared = (baseline.ref, run_in_process(spec, Path(baseline.path), progress, routing))
     retrieval = judge_release_retrieval(spec, Path(release.path))
+    groundedness = judge_release_groundedness(spec, run, Path(release.path))
     report = build_report(
         spec,
         run,
@@ -98,6 +100,7 @@ def evaluate_release(
         host_id(),
         compared,
         retrieval,
+        groundedness,
     )
     files = write_reports(
         report, store.paths.state_dir / "reports" / release.name / release.version
@@ -123,6 +126,21 @@ def judge_release_retrieval(spec: EvalSpec, release_dir: Path) -> dict[str, Any]
         finally:
             index.close()
     return {**judged, "minimums": spec.retrieval.minimums(), "corpus_sha256": corpus_hash(corpus)}
+
+
+def judge_release_groundedness(
+    spec: EvalSpec, run: RunResult, release_dir: Path
+) -> dict[str, Any] | None:
+    """How much of each answer that retrieved is in its passages (the release's verified
+    corpus, by id); None when no case retrieved."""
+    answers = [(c.id, c.output, list(c.retrieved)) for c in run.cases if c.retrieved is not None]
+    if not answers:
+        return None
+    passages = {
+        p.id: f"[{p.id}] {p.title}\n{p.text}" for p in load_corpus(release_dir / CORPUS_DIR)
+    }
+    minimum = spec.retrieval.min_groundedness if spec.retrieval is not None else None
+    return judge_groundedness(answers, passages, minimum)
 
 
 @contextmanager

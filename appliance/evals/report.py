@@ -34,6 +34,7 @@ CRITERIA = {
     "cost_per_success": 43,
     "regression": 44,
     "retrieval": 46,
+    "groundedness": 47,
 }
 # Latency and cost were measured on a host other processes kept busy: not judged.
 INCONCLUSIVE_EXIT = 45
@@ -48,9 +49,11 @@ def build_report(
     host: str,
     baseline: tuple[str, RunResult] | None = None,
     retrieval: dict[str, Any] | None = None,
+    groundedness: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of a run; `retrieval` is appliance.retrieval.quality's judgement of the
-    spec's retrieval cases (with their "minimums"), kept apart from answer quality."""
+    spec's retrieval cases (with their "minimums"), and `groundedness` its judgement of the
+    answers of cases that retrieved: both kept apart from answer quality."""
     cases = run.cases
     successes = sum(c.passed for c in cases)
     latencies = [c.latency_ms for c in cases]
@@ -100,6 +103,7 @@ def build_report(
         "routing": _routing(cases, cpu_cost),
         "safety": _safety(cases),
         "retrieval": retrieval,
+        "groundedness": groundedness,
         "regression": _regression(spec, cases, baseline),
         "cases": [asdict(c) for c in cases],
     }
@@ -174,13 +178,22 @@ def _retrieval_line(retrieval: dict[str, Any] | None) -> str:
     minimums = retrieval.get("minimums", {})
     shown = ", ".join(
         f"{label} {retrieval[key]:.2f}" + (f" (min {minimums[key]:.2f})" if key in minimums else "")
-        for key, label in (
-            ("precision_at_k", "precision@k"),
-            ("recall_at_k", "recall@k"),
-            ("mrr", "MRR"),
-        )
+        for key, label in RETRIEVAL_MEASURES
     )
     return f"- Retrieval, {retrieval['cases']} cases at k = {retrieval['k']}: {shown}"
+
+
+def _groundedness_line(grounded: dict[str, Any] | None) -> str:
+    if not grounded:
+        return "- Groundedness: not measured (no case retrieved a passage)"
+    minimum = grounded["minimum"]
+    floor = f" (min {minimum:.2f})" if minimum is not None else ""
+    apart = grounded["without_passages"]
+    none_found = f"; {apart} retrieved nothing" if apart else ""
+    return (
+        f"- Groundedness, {grounded['cases']} answers that retrieved: "
+        f"{grounded['groundedness']:.2f} of their words are in the passages{floor}{none_found}"
+    )
 
 
 def _routing_line(routing: dict[str, Any] | None) -> str:
@@ -307,6 +320,15 @@ def gate_verdict(spec: EvalSpec, report: dict[str, Any]) -> dict[str, Any]:
                     "detail": f"{measure} {retrieval[measure]:.2f} < {minimum:.2f}",
                 }
             )
+    grounded = report.get("groundedness") or {}
+    if grounded.get("minimum") is not None and grounded["groundedness"] < grounded["minimum"]:
+        failures.append(
+            {
+                "criterion": "groundedness",
+                "detail": f"{grounded['groundedness']:.2f} < {grounded['minimum']:.2f} over "
+                f"{grounded['cases']} answers that retrieved",
+            }
+        )
     failures.sort(key=lambda f: CRITERIA[f["criterion"]])
     inconclusive = []
     busy = report["host_state"]["busy_share"]
@@ -375,6 +397,7 @@ def markdown(report: dict[str, Any]) -> str:
         _routing_line(report.get("routing")),
         _safety_line(report.get("safety")),
         _retrieval_line(report.get("retrieval")),
+        _groundedness_line(report.get("groundedness")),
         "",
         "| suite | pass rate (95% Wilson) | minimum |",
         "|---|---|---|",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,15 @@ from appliance.guard.policy import (
     SafetyPolicy,
     Verdict,
     load_policy,
+)
+from appliance.retrieval.augment import (
+    RETRIEVAL_FIELD,
+    RETRIEVAL_HEADER,
+    Augmented,
+    Retriever,
+    chat_query,
+    with_passages_in_messages,
+    with_passages_in_prompt,
 )
 from appliance.serve.coldpath import AnyColdPath, ColdAnswer, Kind, first_answer
 from appliance.serve.config import (
@@ -63,6 +73,7 @@ class CaseResult:
     cold_cost: float = 0.0  # what the cold path's tokens cost
     mean_logprob: float | None = None  # the release's confidence, when the policy scores it
     guard: tuple[Applied, ...] = ()  # what the release's safety policy did to the case
+    retrieved: tuple[str, ...] | None = None  # passage ids in its prompt (None: no retrieval)
 
 
 @dataclass
@@ -129,18 +140,20 @@ def run_in_process(
     """Load the release's model here (it need not be active) and run every case, with as
     many slots as the spec's load has clients, routed by `routing` when given."""
     serving = ServingConfig.from_release_dir(release_dir)
-    runtime = ModelRuntime.load(
-        "eval",
-        None,
-        release_dir / "model.gguf",
-        serving,
-        ServiceOptions(slots=spec.load.clients, max_queue=spec.load.clients),
-        safety=load_policy(release_dir),
-    )
-    try:
-        return _run_on_runtime(spec, runtime, progress or (lambda _n: None), routing)
-    finally:
-        runtime.close()
+    with tempfile.TemporaryDirectory(prefix="eval-index-") as work:
+        runtime = ModelRuntime.load(
+            "eval",
+            None,
+            release_dir / "model.gguf",
+            serving,
+            ServiceOptions(slots=spec.load.clients, max_queue=spec.load.clients),
+            safety=load_policy(release_dir),
+            corpus=(release_dir, Path(work) / "index.sqlite"),
+        )
+        try:
+            return _run_on_runtime(spec, runtime, progress or (lambda _n: None), routing)
+        finally:
+            runtime.close()
 
 
 def _run_on_runtime(
@@ -168,12 +181,14 @@ def _run_on_runtime(
 
     policy = runtime.safety
     inputs: dict[str, tuple[Applied, ...]] = {}  # case id -> what the input side did
+    retrieved: dict[str, tuple[str, ...]] = {}  # case id -> the passages in its prompt
 
     def answered(case: Case, output: str, latency: float, ttft: float | None, tokens: int):
         """The case scored on what the service would send: the output policy applied."""
         verdict = policy.check_output(output)
         result = score_case(case, verdict.text, latency, ttft, tokens)
-        return replace(result, guard=inputs.get(case.id, ()) + verdict.applied)
+        guard = inputs.get(case.id, ()) + verdict.applied
+        return replace(result, guard=guard, retrieved=retrieved.get(case.id))
 
     def escalate(case: Case, reason: str, started: float, hot: CaseResult | Generation) -> None:
         """The cold path's answer, scored; if none answers, the release's: its result, or
@@ -229,9 +244,14 @@ def _run_on_runtime(
             latency = (time.monotonic() - started) * 1000
             finish(replace(score_case(case, "", latency, None, 0), guard=verdict.applied))
             return
+        said = case  # the routing policy judges the case's own words, not the passages
+        if _retrieves(runtime.retriever, case):
+            assert runtime.retriever is not None
+            case, augmented = augmented_case(runtime.retriever, case)
+            retrieved[case.id] = tuple(augmented.retrieval.ids)
         generation = _generation(spec, runtime, case, routing)
         context = runtime.engine.context_per_slot
-        reason = routing.before(case, generation, context) if routing else None
+        reason = routing.before(said, generation, context) if routing else None
         if reason is not None and routing.cold_paths:
             cold_calls.submit(escalate, case, reason, started, generation)
         else:
@@ -259,6 +279,40 @@ def guarded_case(policy: SafetyPolicy, case: Case) -> tuple[Case, Verdict]:
     for i, text in zip(checked, texts, strict=True):
         messages[i] = (messages[i][0], text)
     return replace(case, messages=tuple(messages)), verdict
+
+
+def _retrieves(retriever: Retriever | None, case: Case) -> bool:
+    """Whether the service would give the case passages: the release's settings for its
+    endpoint, and the case's own ask (as a client's x-appliance-retrieval header)."""
+    settings = retriever.settings if retriever is not None else None
+    if settings is None:
+        if case.retrieval:
+            raise ApplianceError(f"eval case {case.id} asks for retrieval; the release has none")
+        return False
+    try:
+        return settings.applies(_endpoint(case), _asked(case))
+    except ApplianceError as exc:
+        raise ApplianceError(f"eval case {case.id}: {exc.message}") from exc
+
+
+def augmented_case(retriever: Retriever, case: Case) -> tuple[Case, Augmented]:
+    """The case with the passages its query finds, placed as the service places them."""
+    if case.messages is None:
+        augmented = retriever.fetch(case.prompt or "")
+        prompt = with_passages_in_prompt(case.prompt or "", augmented.block)
+        return replace(case, prompt=prompt), augmented
+    messages = list(case.messages)
+    augmented = retriever.fetch(chat_query(messages))
+    placed = with_passages_in_messages(messages, augmented.block)
+    return replace(case, messages=tuple(placed)), augmented
+
+
+def _endpoint(case: Case) -> str:
+    return "completions" if case.messages is None else "chat"
+
+
+def _asked(case: Case) -> str | None:
+    return None if case.retrieval is None else ("on" if case.retrieval else "off")
 
 
 def _generation(
@@ -374,8 +428,10 @@ def _http_case(
         body["messages"] = [{"role": r, "content": c} for r, c in case.messages]
     else:
         path, body["prompt"] = "/v1/completions", case.prompt or ""
-    started, first, parts, used, guard = time.monotonic(), None, [], {}, []
-    with http.stream("POST", path, json=body) as response:
+    started, first, parts, used, guard, said = time.monotonic(), None, [], {}, [], None
+    asked = _asked(case)
+    headers = {RETRIEVAL_HEADER: asked} if asked else {}
+    with http.stream("POST", path, json=body, headers=headers) as response:
         if response.status_code == 400:
             refused = _content_filtered(response)
             if refused is not None:  # the release's input policy denied it: scored as such
@@ -407,13 +463,22 @@ def _http_case(
                 parts.append(text)
             used = chunk.get("usage") or used
             guard = chunk.get(GUARD_FIELD) or guard
+            said = chunk.get(RETRIEVAL_FIELD) or said
     latency = (time.monotonic() - started) * 1000
     ttft = (first - started) * 1000 if first else None
     result = score_case(case, "".join(parts), latency, ttft, used.get("completion_tokens", 0))
     cold_cost = used.get("total_tokens", 0) / 1000 * prices.get(route, 0.0)
     escalation = response.headers.get(ESCALATION_HEADER)
     applied = tuple(Applied(**a) for a in guard)
-    return replace(result, route=route, escalation=escalation, cold_cost=cold_cost, guard=applied)
+    retrieved = tuple(said["ids"]) if said is not None else None
+    return replace(
+        result,
+        route=route,
+        escalation=escalation,
+        cold_cost=cold_cost,
+        guard=applied,
+        retrieved=retrieved,
+    )
 
 
 def _content_filtered(response: httpx.Response) -> tuple[Applied, ...] | None:

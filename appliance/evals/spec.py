@@ -28,6 +28,7 @@ class Case:
     scorers: tuple[str, ...]
     tags: tuple[str, ...]
     weight: float = 1.0
+    retrieval: bool | None = None  # asks for passages (True), refuses them (False), or as served
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class RetrievalSpec:
     min_precision_at_k: float | None = None
     min_recall_at_k: float | None = None
     min_mrr: float | None = None
+    # the answers of cases that retrieved: the share of their words the passages hold
+    min_groundedness: float | None = None
 
     def minimums(self) -> dict[str, float]:
         named = {
@@ -170,11 +173,12 @@ def _online(raw: dict[str, Any]) -> Online:
 
 def _retrieval(eval_dir: Path, raw: dict[str, Any] | None) -> RetrievalSpec | None:
     """[retrieval]: file (JSONL of {"id", "query", "relevant": [passage ids]}), k, and
-    min_precision_at_k, min_recall_at_k, min_mrr."""
+    min_precision_at_k, min_recall_at_k, min_mrr; min_groundedness (no file needed)."""
     if raw is None:
         return None
     settings = dict(raw)
-    lines = (eval_dir / settings.pop("file")).read_text().splitlines()
+    listed = settings.pop("file", None)
+    lines = (eval_dir / listed).read_text().splitlines() if listed else []
     cases = []
     for line in (json.loads(line) for line in lines if line.strip()):
         relevant = tuple(str(i) for i in line["relevant"])
@@ -218,4 +222,5 @@ def _case(suite: str, raw: dict[str, Any]) -> Case:
         scorers=tuple(raw["scorers"]),
         tags=tuple(raw.get("tags", [])),
         weight=float(raw.get("weight", 1.0)),
+        retrieval=None if raw.get("retrieval") is None else bool(raw["retrieval"]),
     )

@@ -107,7 +107,7 @@ def merged(applied: Iterable[Applied]) -> tuple[Applied, ...]:
 
 
 def redact(detector: str) -> str:
-    return f"[REDACTED:{detector}]"
+    return f"[REDACTED:{detector}]"  # the same words as detectors.scrubbed
 
 
 def mask(matched: str) -> str:

@@ -3,10 +3,15 @@ precision@k, recall@k and the mean reciprocal rank (MRR) over the spec's retriev
 
 from __future__ import annotations
 
+import re
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from appliance.retrieval.index import Index
+from appliance.retrieval.index import STOPWORDS, Index
+
+_WORD = re.compile(r"\w{3,}")
 
 
 @dataclass(frozen=True)
@@ -49,5 +54,46 @@ def judge_retrieval(index: Index, cases: list[RetrievalCase], k: int) -> dict:
             "p50": statistics.median(latencies) if latencies else None,
             "max": max(latencies) if latencies else None,
         },
+        "per_case": per_case,
+    }
+
+
+def content_words(text: str) -> set[str]:
+    """The words that carry meaning: three letters or more, no stopword, lowercased."""
+    return {w for w in _WORD.findall(text.lower()) if w not in STOPWORDS}
+
+
+def groundedness(answer: str, passages: Iterable[str]) -> float | None:
+    """The share of the answer's content words that the passages hold: 1.0 when it says
+    only what they say, 0.0 when it ignores them; None for an answer with no such word."""
+    said = content_words(answer)
+    if not said:
+        return None
+    source = content_words(" ".join(passages))
+    return len(said & source) / len(said)
+
+
+def judge_groundedness(
+    answers: Iterable[tuple[str, str, list[str]]],
+    passages: dict[str, str],
+    minimum: float | None,
+) -> dict[str, Any] | None:
+    """Groundedness over the cases that retrieved: (case id, answer, passage ids) each; the
+    passages' texts by id. None when no case retrieved a passage."""
+    per_case = []
+    for case_id, answer, ids in answers:
+        if not ids:  # nothing matched: nothing to be grounded in (counted apart)
+            per_case.append({"id": case_id, "retrieved": [], "groundedness": None})
+            continue
+        score = groundedness(answer, [passages.get(i, "") for i in ids])
+        per_case.append({"id": case_id, "retrieved": ids, "groundedness": score})
+    scored = [c["groundedness"] for c in per_case if c["groundedness"] is not None]
+    if not scored:
+        return None
+    return {
+        "cases": len(scored),
+        "without_passages": sum(1 for c in per_case if not c["retrieved"]),
+        "groundedness": statistics.fmean(scored),
+        "minimum": minimum,
         "per_case": per_case,
     }

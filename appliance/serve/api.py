@@ -26,13 +26,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from appliance import __version__
-from appliance.errors import ChatTemplateError, PromptTooLong
+from appliance.errors import ChatTemplateError, PromptTooLong, UsageError
 from appliance.guard.policy import (
     CHECKED_ROLES,
     CONTENT_FILTER,
     GUARD_FIELD,
     SafetyPolicy,
-    merged,
+)
+from appliance.retrieval.augment import (
+    RETRIEVAL_FIELD,
+    RETRIEVAL_HEADER,
+    RetrievalSettings,
+    chat_query,
+    with_passages_in_messages,
+    with_passages_in_prompt,
 )
 from appliance.serve.api_errors import ApiError, install_error_handlers, send_error
 from appliance.serve.coldpath import first_answer
@@ -43,11 +50,11 @@ from appliance.serve.config import (
     SamplingParams,
 )
 from appliance.serve.policy import FALLBACK, INCIDENT, RoutingPolicy
-from appliance.serve.relay import HOT, Relay, Routed, mirror, record
+from appliance.serve.relay import HOT, Relay, Routed, mirror, record, record_retrieval
 from appliance.serve.rollout import SESSION_HEADER, SHADOW, Route
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, QueueFull, SchedulerDown, Unloading
-from appliance.serve.schemas import ChatRequest, CompletionRequest, GenerationParams
+from appliance.serve.schemas import ChatMessage, ChatRequest, CompletionRequest, GenerationParams
 from appliance.serve.service import Service
 
 RELEASE_HEADER, ROLE_HEADER = "x-appliance-release", "x-appliance-role"
@@ -175,12 +182,23 @@ class _ChatAsked:
 
     def prepare(self, current: ModelRuntime) -> list[int]:
         try:
-            return current.prompt_tokens(messages=[(m.role, m.text()) for m in self.body.messages])
+            return current.prompt_tokens(messages=self._pairs())
         except ChatTemplateError as exc:
             raise ApiError(400, str(exc)) from exc
 
     def text(self) -> str:
         return "\n".join(m.text() for m in self.body.messages)
+
+    def query(self) -> str:
+        return chat_query(self._pairs())
+
+    def with_passages(self, block: str) -> _ChatAsked:
+        pairs = with_passages_in_messages(self._pairs(), block)
+        messages = [ChatMessage(role=role, content=text) for role, text in pairs]
+        return _ChatAsked(self.body.model_copy(update={"messages": messages}))
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        return [(m.role, m.text()) for m in self.body.messages]
 
 
 class _PromptAsked:
@@ -201,6 +219,12 @@ class _PromptAsked:
     def text(self) -> str:
         prompt = self.body.prompt
         return prompt if isinstance(prompt, str) else prompt[0]
+
+    def query(self) -> str:
+        return self.text()
+
+    def with_passages(self, block: str) -> _PromptAsked:
+        return self.with_texts([with_passages_in_prompt(self.text(), block)])
 
 
 Asked = _ChatAsked | _PromptAsked
@@ -223,6 +247,42 @@ def _guard_input(
             extra={GUARD_FIELD: [applied.as_dict() for applied in routed.guard]},
         )
     return asked.with_texts(texts) if routed.guard else asked
+
+
+def _named_passages(response: Response, routed: Routed) -> Response:
+    """A response to a request that retrieved names the passages in a header too (a
+    streaming client reads it before the first token)."""
+    if routed.retrieval is not None:
+        response.headers[RETRIEVAL_HEADER] = routed.retrieval.header()
+    return response
+
+
+def _retrieves(runtime: ModelRuntime, kind: str, request: Request) -> bool:
+    """Whether this request gets passages from the release's corpus: its settings for the
+    endpoint, and the client's x-appliance-retrieval header (on, off); 400 for a header
+    that asks for what the release does not offer."""
+    header = request.headers.get(RETRIEVAL_HEADER)
+    asked = header.strip().lower() if header is not None else None
+    retriever = runtime.retriever
+    settings = retriever.settings if retriever is not None else RetrievalSettings()
+    try:
+        return settings.applies(_endpoint(kind), asked)
+    except UsageError as exc:
+        raise ApiError(400, exc.message, code="retrieval_unavailable") from exc
+
+
+def _retrieve(service: Service, chosen: Route, asked: Asked, kind: str, routed: Routed) -> Asked:
+    """The request with the passages its query finds (as the input policy let it through),
+    the search recorded in telemetry on its own."""
+    assert chosen.runtime.retriever is not None
+    query = asked.query()
+    routed.retrieval = chosen.runtime.retriever.fetch(query)
+    record_retrieval(service, chosen, _endpoint(kind), query, routed.retrieval)
+    return asked.with_passages(routed.retrieval.block)
+
+
+def _endpoint(kind: str) -> str:
+    return "chat" if kind == "chat.completion" else "completions"
 
 
 async def _serve(
@@ -252,17 +312,20 @@ async def _serve(
             checked = await run_in_threadpool(
                 _guard_input, service, chosen, asked, kind, routed, arrived
             )
+        said = checked.text()  # the routing policy judges the client's words, not passages
+        if _retrieves(chosen.runtime, kind, request):
+            checked = await run_in_threadpool(_retrieve, service, chosen, checked, kind, routed)
         body = checked.body
         if service.routing.fallback and service.cold_paths():
             reason = INCIDENT if service.routing.incident else FALLBACK
             answered = await _escalate(service, chosen, body, kind, reason, routed, arrived)
             if answered is not None:
-                return answered
+                return _named_passages(answered, routed)
         tokens = await run_in_threadpool(checked.prepare, chosen.runtime)
         policy = service.policy(chosen.runtime) if service.cold_paths() else None
         if policy is not None and routed.escalation is None:
             reason = policy.before(
-                checked.text(),
+                said,
                 len(tokens),
                 chosen.runtime.engine.context_per_slot,
                 request.headers.get(ESCALATE_HEADER, "").lower() in ("1", "true", "yes"),
@@ -270,7 +333,7 @@ async def _serve(
             if reason is not None:
                 answered = await _escalate(service, chosen, body, kind, reason, routed, arrived)
                 if answered is not None:
-                    return answered
+                    return _named_passages(answered, routed)
             if routed.escalation is not None:
                 policy = None  # the cold path failed: judge the release's answer no further
         try:
@@ -284,7 +347,7 @@ async def _serve(
             if routed.escalation is not None:
                 response.headers[ESCALATION_HEADER] = routed.escalation
                 response.headers[ESCALATION_FAILED_HEADER] = routed.failure[:200]
-        return response
+        return _named_passages(response, routed)
     raise ApiError(503, "the model is being replaced; try again", "server_error", "not_ready")
 
 
@@ -321,27 +384,25 @@ async def _escalate(
 def _guard_answer(
     policy: SafetyPolicy, answer: dict[str, Any], kind: str, routed: Routed
 ) -> dict[str, Any]:
-    """A cold path's answer through the release's output policy, like its own answers."""
-    if policy.output is None:
-        return answer
-    choices = []
-    for choice in answer.get("choices") or []:
-        choice = dict(choice)
-        if kind == "chat.completion":
-            message = dict(choice.get("message") or {})
-            verdict = policy.check_output(message.get("content") or "")
-            choice["message"] = {**message, "content": verdict.text}
-        else:
-            verdict = policy.check_output(choice.get("text") or "")
-            choice["text"] = verdict.text
-        if verdict.blocked:
-            choice["finish_reason"] = CONTENT_FILTER
-        routed.guard.extend(verdict.applied)
-        choices.append(choice)
-    answer = {**answer, "choices": choices}
-    if routed.guard:
-        answer[GUARD_FIELD] = [applied.as_dict() for applied in merged(routed.guard)]
-    return answer
+    """A cold path's answer through the release's output policy, like its own answers, and
+    what the policy and retrieval did, said the same way."""
+    if policy.output is not None:
+        choices = []
+        for choice in answer.get("choices") or []:
+            choice = dict(choice)
+            if kind == "chat.completion":
+                message = dict(choice.get("message") or {})
+                verdict = policy.check_output(message.get("content") or "")
+                choice["message"] = {**message, "content": verdict.text}
+            else:
+                verdict = policy.check_output(choice.get("text") or "")
+                choice["text"] = verdict.text
+            if verdict.blocked:
+                choice["finish_reason"] = CONTENT_FILTER
+            routed.guard.extend(verdict.applied)
+            choices.append(choice)
+        answer = {**answer, "choices": choices}
+    return {**answer, **routed.said()}
 
 
 async def _as_events(answer: dict[str, Any], kind: str, include_usage: bool):
@@ -358,8 +419,8 @@ async def _as_events(answer: dict[str, Any], kind: str, include_usage: bool):
         for part, reason in zip(parts, (None, finish), strict=True):
             chosen = {**part, "index": 0, "finish_reason": reason}
             event = {**_envelope(answer), "object": chunk_kind, "choices": [chosen]}
-            if reason is not None and GUARD_FIELD in answer:
-                event[GUARD_FIELD] = answer[GUARD_FIELD]
+            if reason is not None:
+                event |= {f: answer[f] for f in (GUARD_FIELD, RETRIEVAL_FIELD) if f in answer}
             yield f"data: {json.dumps(event)}\n\n"
     if include_usage and answer.get("usage"):
         event = {**_envelope(answer), "object": chunk_kind, "choices": [], "usage": answer["usage"]}

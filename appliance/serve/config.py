@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.retrieval.augment import RetrievalSettings
 from appliance.serve.policy import RoutingPolicy
 
 # Every generation response names the signed content that produced it, so a client (the
@@ -60,6 +61,7 @@ class ServingConfig:
     sampling: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
     routing: dict[str, Any] = field(default_factory=dict)  # the signed routing policy
+    retrieval: dict[str, Any] = field(default_factory=dict)  # RetrievalSettings (none: off)
 
     @classmethod
     def from_release_dir(cls, path: Path) -> ServingConfig:
@@ -69,6 +71,9 @@ class ServingConfig:
 
     def routing_policy(self) -> RoutingPolicy:
         return RoutingPolicy.from_dict(self.routing, "serving.json [routing]")
+
+    def retrieval_settings(self) -> RetrievalSettings:
+        return RetrievalSettings.from_dict(self.retrieval, "serving.json [retrieval]")
 
     def default_sampling(self) -> SamplingParams:
         fields = SamplingParams.__dataclass_fields__

@@ -16,6 +16,7 @@ from prometheus_client import (
 from appliance.guard.policy import Applied
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+RETRIEVAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class ServiceMetrics:
@@ -76,6 +77,18 @@ class ServiceMetrics:
             ["direction", "detector", "action"],
             registry=r,
         )
+        self.retrievals = Counter(
+            "appliance_retrievals",
+            "Retrievals from the release's corpus by endpoint, and whether any passage matched",
+            ["endpoint", "matched"],
+            registry=r,
+        )
+        self.retrieval_seconds = Histogram(
+            "appliance_retrieval_seconds",
+            "Time to search the corpus and fit the passages to the token budget",
+            buckets=RETRIEVAL_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens", registry=r)
         self.completion_tokens = Counter(
             "appliance_completion_tokens", "Completion tokens", registry=r
@@ -124,6 +137,10 @@ class ServiceMetrics:
         for a in applied:
             labels = {"direction": a.direction, "detector": a.detector, "action": a.action}
             self.guard_findings.labels(**labels).inc(a.count)
+
+    def count_retrieval(self, endpoint: str, passages: int, seconds: float) -> None:
+        self.retrievals.labels(endpoint=endpoint, matched=str(passages > 0).lower()).inc()
+        self.retrieval_seconds.observe(seconds)
 
     def set_release(self, release: str) -> None:
         self.active_release.clear()

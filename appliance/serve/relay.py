@@ -17,13 +17,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from appliance.errors import PromptTooLong
+from appliance.guard.detectors import scrubbed
 from appliance.guard.policy import CONTENT_FILTER, GUARD_FIELD, Applied, merged
+from appliance.retrieval.augment import RETRIEVAL_FIELD, Augmented
 from appliance.serve.api_errors import ApiError, error_body
 from appliance.serve.rollout import MIRRORED, REPLAY, SHADOW, Route
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, Generation, QueueFull, SchedulerDown, Unloading
 from appliance.serve.service import Service
-from appliance.telemetry.writer import RequestRecord
+from appliance.telemetry.writer import RequestRecord, RetrievalRecord
 
 REPLAY_EVERY = 5  # one mirrored request in five is also replayed on stable (the noise floor)
 HOT = "hot"
@@ -35,13 +37,23 @@ class Routed:
     "cold:NAME" for a registered target; the escalation reason, when the policy or the
     fallback sent it to a cold path (with path "hot", the cold path failed and the release
     answered instead); the tokens the cold path was paid for; and what the safety policy
-    did to the request and its answer on the way."""
+    did to the request and its answer on the way, and the passages retrieval added."""
 
     path: str = HOT
     escalation: str | None = None
     cold_tokens: int = 0
     failure: str = ""  # why no cold path answered
     guard: list[Applied] = field(default_factory=list)
+    retrieval: Augmented | None = None
+
+    def said(self) -> dict[str, Any]:
+        """What a response body says of the safety policy's work and of retrieval's."""
+        said: dict[str, Any] = {}
+        if self.guard:
+            said[GUARD_FIELD] = [applied.as_dict() for applied in merged(self.guard)]
+        if self.retrieval is not None:
+            said[RETRIEVAL_FIELD] = self.retrieval.said()
+        return said
 
 
 # A second opinion on a whole answer (the routing policy's after-generation rules): the
@@ -212,12 +224,7 @@ class Relay:
             "choices": [choice],
             "usage": usage(event),
         }
-        return JSONResponse({**body, **self._guard_said()})
-
-    def _guard_said(self) -> dict[str, Any]:
-        if not self.routed.guard:
-            return {}
-        return {GUARD_FIELD: [applied.as_dict() for applied in merged(self.routed.guard)]}
+        return JSONResponse({**body, **self.routed.said()})
 
     async def sse(self, include_usage: bool) -> AsyncIterator[bytes]:
         """The answer's chunks as they come, through the output side of the safety policy
@@ -254,7 +261,7 @@ class Relay:
                     yield self._chunk(
                         {} if self.kind == "chat.completion" else "",
                         event.finish_reason,
-                        extra=self._guard_said(),
+                        extra=self.routed.said(),
                     )
                     if include_usage:
                         yield self._chunk(None, None, usage=usage(event))
@@ -406,3 +413,27 @@ def record(
                 service.metrics.ttft.observe(ttft)
     service.telemetry.record(record)
     return failed
+
+
+def record_retrieval(
+    service: Service, route: Route, endpoint: str, query: str, augmented: Augmented
+) -> None:
+    """One retrieval, in /metrics and as its own telemetry record: its query with every
+    PII and secret shape redacted (the raw match never reaches telemetry), what it found,
+    and how long it took."""
+    found = augmented.retrieval
+    service.metrics.count_retrieval(endpoint, len(found.hits), found.seconds)
+    service.telemetry.record(
+        RetrievalRecord(
+            time=time.time(),
+            release=route.runtime.model_id,
+            role=route.role,
+            endpoint=endpoint,
+            query=scrubbed(query),
+            k=found.k,
+            ids=json.dumps(found.ids),
+            scores=json.dumps([round(hit.score, 6) for hit in found.hits]),
+            seconds=found.seconds,
+            corpus_sha256=augmented.corpus_sha256,
+        )
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from appliance.errors import PromptTooLong
 from appliance.guard.policy import SafetyPolicy, load_policy
+from appliance.retrieval.augment import Retriever
 from appliance.serve.chat import ChatFormatter
 from appliance.serve.config import SamplingParams, ServiceOptions, ServingConfig
 from appliance.serve.engine import Engine, EngineConfig
@@ -29,6 +30,7 @@ class ModelRuntime:
     chat: ChatFormatter
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)  # as the release signed it
     safety: SafetyPolicy = field(default_factory=SafetyPolicy)  # its policy.toml (none: off)
+    retriever: Retriever | None = None  # its corpus, where its settings retrieve
 
     @classmethod
     def load(
@@ -40,10 +42,13 @@ class ModelRuntime:
         options: ServiceOptions,
         compute: concurrent.futures.Executor | None = None,
         safety: SafetyPolicy | None = None,
+        corpus: tuple[Path, Path] | None = None,
     ) -> ModelRuntime:
         """Probe the model in a child process (ModelLoadError if llama.cpp dies on it), then
-        load it here; its decode steps run on `compute` (see Scheduler)."""
+        load it here; its decode steps run on `compute` (see Scheduler). `corpus` is the
+        verified release's directory and where its index lives (built there if missing)."""
         policy = serving.routing_policy()  # a release whose policy is unreadable serves nothing
+        settings = serving.retrieval_settings()
         probe_model(model_path, serving.context_size, serving.threads, serving.gpu_layers)
         engine = Engine(
             EngineConfig(
@@ -58,7 +63,17 @@ class ModelRuntime:
         template = serving.chat_template or engine.chat_template()
         chat = ChatFormatter(engine, template)
         safety = safety or SafetyPolicy()
-        return cls(model_id, manifest_sha256, serving, engine, scheduler, chat, policy, safety)
+        retriever = None
+        if corpus is not None:
+            retriever = Retriever.open(
+                *corpus,
+                settings,
+                lambda text: engine.tokenize(text, add_special=False),
+                engine.piece,
+            )
+        return cls(
+            model_id, manifest_sha256, serving, engine, scheduler, chat, policy, safety, retriever
+        )
 
     @classmethod
     def from_release(
@@ -79,6 +94,7 @@ class ModelRuntime:
             options,
             compute,
             load_policy(path),
+            (path, store.paths.corpus_index(release.manifest_sha256)),
         )
 
     # -- preparing a generation: one path for the API, a shadow's copy and the eval runner --
@@ -122,3 +138,5 @@ class ModelRuntime:
         """Let in-flight requests finish, then free the model."""
         self.scheduler.stop()
         self.engine.close()
+        if self.retriever is not None:
+            self.retriever.close()

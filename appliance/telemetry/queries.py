@@ -147,3 +147,39 @@ def guard_stats(db: Database, window_seconds: float, now: float | None = None) -
             key = (a["direction"], a["detector"], a["action"])
             findings[key] = findings.get(key, 0) + a["count"]
     return GuardStats(len(rows), refused, stopped, dict(sorted(findings.items())))
+
+
+@dataclass(frozen=True)
+class RetrievalStats:
+    """The last window's retrievals, apart from the answers they fed."""
+
+    searches: int
+    empty: int  # found no passage
+    latency_p50: float | None  # seconds
+    latency_p95: float | None
+    top_passages: tuple[tuple[str, int], ...]  # the most retrieved passage ids, with counts
+
+
+def retrieval_stats(
+    db: Database, window_seconds: float, now: float | None = None
+) -> RetrievalStats:
+    now = time.time() if now is None else now
+    rows = list(
+        db.query(
+            "SELECT ids, seconds FROM retrievals WHERE time >= ? "
+            "AND (role IS NULL OR role IN ('stable', 'canary'))",
+            [now - window_seconds],
+        )
+    )
+    counted: dict[str, int] = {}
+    empty = 0
+    for row in rows:
+        ids = json.loads(row["ids"]) if row["ids"] else []
+        empty += not ids
+        for passage in ids:
+            counted[passage] = counted.get(passage, 0) + 1
+    seconds = [row["seconds"] for row in rows]
+    top = sorted(counted.items(), key=lambda item: (-item[1], item[0]))[:5]
+    return RetrievalStats(
+        len(rows), empty, percentile(seconds, 50), percentile(seconds, 95), tuple(top)
+    )

@@ -58,4 +58,26 @@ def telemetry_migrations() -> Migrations:
         # JSON. Counts and names only: the matched text is never stored.
         db["requests"].add_column("guard", str)
 
+    @migrations(name="0006_retrievals")
+    def create_retrievals(db: Database) -> None:
+        # Every retrieval on its own, so an operator can tell a retrieval fault from a
+        # generation fault. The query is kept with PII and secret shapes redacted.
+        db["retrievals"].create(
+            {
+                "id": int,
+                "time": float,
+                "release": str,
+                "role": str,
+                "endpoint": str,
+                "query": str,
+                "k": int,
+                "ids": str,  # JSON list of passage ids, best first (those that entered the prompt)
+                "scores": str,  # JSON list, fused reciprocal-rank scores, same order
+                "seconds": float,  # the search, and the budget's tokenizing
+                "corpus_sha256": str,
+            },
+            pk="id",
+        )
+        db["retrievals"].create_index(["time"])
+
     return migrations

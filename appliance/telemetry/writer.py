@@ -42,6 +42,24 @@ class RequestRecord:
     guard: str | None = None
 
 
+@dataclass(frozen=True)
+class RetrievalRecord:
+    time: float
+    release: str
+    role: str
+    endpoint: str
+    query: str  # redacted of PII and secret shapes (guard.detectors.scrubbed)
+    k: int
+    ids: str  # JSON list
+    scores: str  # JSON list
+    seconds: float
+    corpus_sha256: str
+
+
+Record = RequestRecord | RetrievalRecord
+TABLES = {RequestRecord: "requests", RetrievalRecord: "retrievals"}
+
+
 class TelemetryWriter:
     """Batches records into the state DB from its own thread; keeps `retention_seconds`."""
 
@@ -50,14 +68,14 @@ class TelemetryWriter:
     ) -> None:
         self._open_db = open_db
         self._retention = retention_seconds
-        self._pending: queue.Queue[RequestRecord] = queue.Queue(max_pending)
+        self._pending: queue.Queue[Record] = queue.Queue(max_pending)
         self._stop = threading.Event()
         self.dropped = 0
         self.failure: str | None = None  # why the writer thread died, if it did
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
         self._thread.start()
 
-    def record(self, record: RequestRecord) -> None:
+    def record(self, record: Record) -> None:
         try:
             self._pending.put_nowait(record)
         except queue.Full:  # never block or fail a request for telemetry's sake
@@ -82,9 +100,10 @@ class TelemetryWriter:
             try:
                 self._flush(db)
                 if time.monotonic() - last_prune > PRUNE_SECONDS:
-                    db.execute(
-                        "DELETE FROM requests WHERE time < ?", [time.time() - self._retention]
-                    )
+                    for table in TABLES.values():
+                        db.execute(
+                            f"DELETE FROM {table} WHERE time < ?", [time.time() - self._retention]
+                        )
                     db.conn.commit()
                     last_prune = time.monotonic()
             except sqlite3.OperationalError as exc:  # a locked database: try again next tick
@@ -93,12 +112,14 @@ class TelemetryWriter:
         db.close()
 
     def _flush(self, db: Database) -> None:
-        batch = []
+        batches: dict[str, list[dict]] = {}
         while True:
             try:
-                batch.append(asdict(self._pending.get_nowait()))
+                record = self._pending.get_nowait()
             except queue.Empty:
                 break
-        if batch:
+            batches.setdefault(TABLES[type(record)], []).append(asdict(record))
+        if batches:
             with db.atomic():
-                db["requests"].insert_all(batch)
+                for table, rows in batches.items():
+                    db[table].insert_all(rows)
