@@ -22,27 +22,33 @@ The releases are activated with --force (not gated): this measures cost, not qua
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serve  # noqa: E402 - the streaming client and its summary
-from bench_shadow import appliance, metric, release_source, serving, wait  # noqa: E402
+from bench_shadow import (  # noqa: E402 - the service, its clients and its metrics
+    CLIENTS,
+    Prompts,
+    appliance,
+    distinct,
+    metric,
+    release_source,
+    run_clients,
+    serving,
+    wait,
+)
 
 from appliance.guard.policy import load_policy  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CLIENTS = 4
 ANSWER = (REPO / "docs" / "runbooks" / "rollback.md").read_text()[:1000]
 
 
@@ -74,29 +80,14 @@ def measure(
     base: str,
     label: str,
     requests_each: int,
-    prompts: Callable[[int, Iterator[int]], Iterator[str]] | None = None,
+    prompts: Prompts = distinct,
     headers: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """CLIENTS clients each stream `requests_each` prompts (default: bench_serve's
-    "distinct"); latency, p95 TTFT, and the service's CPU and prompt tokens per request."""
-    streams: list[bench_serve.Stream] = []
-    counter = itertools.count()
-    prompts = prompts or (lambda index, n: bench_serve.prompts_for("distinct", index, n))
-
-    def client(index: int) -> None:
-        mine = prompts(index, counter)
-        for _ in range(requests_each):
-            streams.append(bench_serve.stream_completion(base, next(mine), headers))
-
+    """Latency, p95 TTFT, and the service's CPU and prompt tokens per request, for CLIENTS
+    clients streaming `requests_each` prompts each."""
     cpu = metric(base, r"^process_cpu_seconds_total")
     tokens = metric(base, r"^appliance_prompt_tokens_total")
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
+    streams, wall = run_clients(base, requests_each, prompts, headers)
     cpu = (metric(base, r"^process_cpu_seconds_total") - cpu) / len(streams)
     tokens = (metric(base, r"^appliance_prompt_tokens_total") - tokens) / len(streams)
     m = bench_serve.summarise(label, "distinct", CLIENTS, wall, streams)

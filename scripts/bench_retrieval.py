@@ -44,7 +44,6 @@ from appliance.serve.engine import Engine, EngineConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "bundles" / "demo"
-CLIENTS = 4
 
 
 def queries() -> list[str]:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -103,16 +103,29 @@ def prepare(home: Path, work: Path, model: Path | None) -> None:
     appliance(home, "release", "activate", "demo@1.0.0")
 
 
-def measure(base: str, label: str, requests_each: int, think: float) -> tuple[float, float]:
-    """CLIENTS clients, each sending distinct prompts with `think` seconds between its
-    requests (a shadow can only use the time stable is idle); stable's p50/p95 latency."""
+Prompts = Callable[[int, Iterator[int]], Iterator[str]]  # (client index, shared counter)
+
+
+def distinct(index: int, counter: Iterator[int]) -> Iterator[str]:
+    return bench_serve.prompts_for("distinct", index, counter)
+
+
+def run_clients(
+    base: str,
+    requests_each: int,
+    prompts: Prompts = distinct,
+    headers: dict[str, str] | None = None,
+    think: float = 0.0,
+) -> tuple[list[bench_serve.Stream], float]:
+    """CLIENTS clients, each streaming `requests_each` of its prompts with `think` seconds
+    between its requests; the streams and the wall time."""
     streams: list[bench_serve.Stream] = []
     counter = itertools.count()
 
     def client(index: int) -> None:
-        prompts = bench_serve.prompts_for("distinct", index, counter)
+        mine = prompts(index, counter)
         for _ in range(requests_each):
-            streams.append(bench_serve.stream_completion(base, next(prompts)))
+            streams.append(bench_serve.stream_completion(base, next(mine), headers))
             time.sleep(think)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
@@ -121,7 +134,14 @@ def measure(base: str, label: str, requests_each: int, think: float) -> tuple[fl
         thread.start()
     for thread in threads:
         thread.join()
-    m = bench_serve.summarise(label, "distinct", CLIENTS, time.perf_counter() - start, streams)
+    return streams, time.perf_counter() - start
+
+
+def measure(base: str, label: str, requests_each: int, think: float) -> tuple[float, float]:
+    """Distinct prompts with `think` seconds between a client's requests (a shadow can only
+    use the time stable is idle); stable's p50/p95 latency."""
+    streams, wall = run_clients(base, requests_each, think=think)
+    m = bench_serve.summarise(label, "distinct", CLIENTS, wall, streams)
     print(
         f"{label:<12} {len(streams)} requests  p50 {m.p50:6.2f} s  p95 {m.p95:6.2f} s  "
         f"TTFT p95 {m.ttft_p95:5.2f} s",

@@ -111,3 +111,17 @@ def serve_bundle(home: Path, toml: Path, out: Path) -> Server:
     running = start_server(home)
     running.key = appliance(home, "apikeys", "create", "--name", "tests")[1]["key"]
     return running
+
+
+def gate_both_ways(server: Server, ref: str = "demo@1.0.0") -> list[tuple[dict, dict]]:
+    """`eval run` of `ref` in-process, then over HTTP against `server`: for each, what the
+    CLI printed and the report it wrote."""
+    runs = [
+        appliance(server.home, "eval", "run", ref, "--baseline", "none"),
+        appliance(
+            server.home,
+            *("eval", "run", ref, "--baseline", "none"),
+            *("--url", server.url, "--api-key", server.key),
+        ),
+    ]
+    return [(said, json.loads(Path(said["files"]["json"]).read_text())) for _code, said in runs]

@@ -6,14 +6,13 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
-from pathlib import Path
 
 import httpx
 import pytest
 import regex
 from conftest import DEMO_BUNDLE, write_bundle_dir
 from prometheus_client.parser import text_string_to_metric_families
-from serving import Server, appliance, serve_bundle, start_server, wait_for
+from serving import Server, gate_both_ways, serve_bundle, start_server, wait_for
 
 from appliance.errors import UsageError
 from appliance.guard.detectors import Detectors, NationalId, pii_findings, stdnum_validator
@@ -360,23 +359,7 @@ def test_the_gate_judges_the_release_with_its_policy_in_process_and_over_http(
     server, _policy = guarded
     stopped = service_policy(greedy_answer)[1]
     assert stopped in greedy_answer  # the bare model fails the case
-    ref, home = "demo@1.0.0", server.home
-    runs = [
-        appliance(home, "eval", "run", ref, "--baseline", "none"),
-        appliance(
-            home,
-            "eval",
-            "run",
-            ref,
-            "--baseline",
-            "none",
-            "--url",
-            server.url,
-            "--api-key",
-            server.key,
-        ),
-    ]
-    reports = [json.loads(Path(said["files"]["json"]).read_text()) for _code, said in runs]
+    reports = [report for _said, report in gate_both_ways(server)]
     for report in reports:
         assert report["suites"]["redteam"]["passed"] == report["suites"]["redteam"]["n"]
         case = next(c for c in report["cases"] if c["id"] == "redteam-said")

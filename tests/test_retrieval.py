@@ -12,7 +12,7 @@ import httpx
 import pytest
 from conftest import DEMO_BUNDLE, write_bundle_dir
 from prometheus_client.parser import text_string_to_metric_families
-from serving import Server, appliance, serve_bundle, wait_for
+from serving import Server, gate_both_ways, serve_bundle, wait_for
 
 from appliance.bundler.builder import build_bundle
 from appliance.bundler.spec import load_bundle_spec
@@ -320,23 +320,8 @@ def test_each_retrieval_is_its_own_record_with_no_raw_pii(retrieving):
 
 
 def test_the_gate_retrieves_as_the_service_does_in_process_and_over_http(retrieving):
-    server = retrieving
-    runs = [
-        appliance(server.home, "eval", "run", "demo@1.0.0", "--baseline", "none"),
-        appliance(
-            server.home,
-            "eval",
-            "run",
-            "demo@1.0.0",
-            "--baseline",
-            "none",
-            "--url",
-            server.url,
-            "--api-key",
-            server.key,
-        ),
-    ]
-    reports = [json.loads(Path(said["files"]["json"]).read_text()) for _code, said in runs]
+    runs = gate_both_ways(retrieving)
+    reports = [report for _said, report in runs]
     grounded = [
         {c["id"]: c["retrieved"] for c in r["cases"] if c["suite"] == "grounded"} for r in reports
     ]
@@ -348,7 +333,7 @@ def test_the_gate_retrieves_as_the_service_does_in_process_and_over_http(retriev
         assert section["cases"] >= 1 and section["minimum"] == 0.6
         assert 0.0 <= section["groundedness"] <= 1.0
     assert reports[0]["groundedness"] == reports[1]["groundedness"]
-    markdown = Path(runs[0][1]["files"]["markdown"]).read_text()
+    markdown = Path(runs[0][0]["files"]["markdown"]).read_text()
     assert "- Groundedness, " in markdown
 
 

@@ -37,6 +37,7 @@ from appliance.retrieval.augment import (
     Augmented,
     Retriever,
     chat_query,
+    retrieves,
     with_passages_in_messages,
     with_passages_in_prompt,
 )
@@ -284,13 +285,8 @@ def guarded_case(policy: SafetyPolicy, case: Case) -> tuple[Case, Verdict]:
 def _retrieves(retriever: Retriever | None, case: Case) -> bool:
     """Whether the service would give the case passages: the release's settings for its
     endpoint, and the case's own ask (as a client's x-appliance-retrieval header)."""
-    settings = retriever.settings if retriever is not None else None
-    if settings is None:
-        if case.retrieval:
-            raise ApplianceError(f"eval case {case.id} asks for retrieval; the release has none")
-        return False
     try:
-        return settings.applies(_endpoint(case), _asked(case))
+        return retrieves(retriever, _endpoint(case), _asked(case))
     except ApplianceError as exc:
         raise ApplianceError(f"eval case {case.id}: {exc.message}") from exc
 

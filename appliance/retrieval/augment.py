@@ -76,6 +76,9 @@ class RetrievalSettings:
         return asked == "on" or self.when == ALWAYS
 
 
+NO_RETRIEVAL = RetrievalSettings()  # a release without a corpus or endpoints
+
+
 @dataclass(frozen=True)
 class Augmented:
     """What retrieval added to one request."""
@@ -149,6 +152,13 @@ class Retriever:
         block = "\n\n".join([self.settings.preamble, *(h.text for h in kept)]) if kept else ""
         found = replace(found, hits=tuple(kept), seconds=time.perf_counter() - started)
         return Augmented(found, block, self.corpus_sha256)
+
+
+def retrieves(retriever: Retriever | None, endpoint: str, asked: str | None) -> bool:
+    """Whether a request to `endpoint` gets passages: the release's settings (none when it
+    has no retriever) and the request's ask; UsageError for an ask it cannot honour."""
+    settings = retriever.settings if retriever is not None else NO_RETRIEVAL
+    return settings.applies(endpoint, asked)
 
 
 def with_passages_in_messages(messages: list[tuple[str, str]], block: str) -> list[tuple[str, str]]:

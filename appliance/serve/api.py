@@ -36,8 +36,8 @@ from appliance.guard.policy import (
 from appliance.retrieval.augment import (
     RETRIEVAL_FIELD,
     RETRIEVAL_HEADER,
-    RetrievalSettings,
     chat_query,
+    retrieves,
     with_passages_in_messages,
     with_passages_in_prompt,
 )
@@ -50,7 +50,15 @@ from appliance.serve.config import (
     SamplingParams,
 )
 from appliance.serve.policy import FALLBACK, INCIDENT, RoutingPolicy
-from appliance.serve.relay import HOT, Relay, Routed, mirror, record, record_retrieval
+from appliance.serve.relay import (
+    HOT,
+    Relay,
+    Routed,
+    endpoint_of,
+    mirror,
+    record,
+    record_retrieval,
+)
 from appliance.serve.rollout import SESSION_HEADER, SHADOW, Route
 from appliance.serve.runtime import ModelRuntime
 from appliance.serve.scheduler import Event, QueueFull, SchedulerDown, Unloading
@@ -258,15 +266,12 @@ def _named_passages(response: Response, routed: Routed) -> Response:
 
 
 def _retrieves(runtime: ModelRuntime, kind: str, request: Request) -> bool:
-    """Whether this request gets passages from the release's corpus: its settings for the
-    endpoint, and the client's x-appliance-retrieval header (on, off); 400 for a header
-    that asks for what the release does not offer."""
+    """Whether this request gets passages (the release's settings and the client's
+    x-appliance-retrieval header); 400 for a header that asks for what it cannot have."""
     header = request.headers.get(RETRIEVAL_HEADER)
     asked = header.strip().lower() if header is not None else None
-    retriever = runtime.retriever
-    settings = retriever.settings if retriever is not None else RetrievalSettings()
     try:
-        return settings.applies(_endpoint(kind), asked)
+        return retrieves(runtime.retriever, endpoint_of(kind), asked)
     except UsageError as exc:
         raise ApiError(400, exc.message, code="retrieval_unavailable") from exc
 
@@ -277,12 +282,8 @@ def _retrieve(service: Service, chosen: Route, asked: Asked, kind: str, routed: 
     assert chosen.runtime.retriever is not None
     query = asked.query()
     routed.retrieval = chosen.runtime.retriever.fetch(query)
-    record_retrieval(service, chosen, _endpoint(kind), query, routed.retrieval)
+    record_retrieval(service, chosen, endpoint_of(kind), query, routed.retrieval)
     return asked.with_passages(routed.retrieval.block)
-
-
-def _endpoint(kind: str) -> str:
-    return "chat" if kind == "chat.completion" else "completions"
 
 
 async def _serve(
@@ -312,7 +313,7 @@ async def _serve(
             checked = await run_in_threadpool(
                 _guard_input, service, chosen, asked, kind, routed, arrived
             )
-        said = checked.text()  # the routing policy judges the client's words, not passages
+        said = checked  # the routing policy judges the client's words, not the passages
         if _retrieves(chosen.runtime, kind, request):
             checked = await run_in_threadpool(_retrieve, service, chosen, checked, kind, routed)
         body = checked.body
@@ -325,7 +326,7 @@ async def _serve(
         policy = service.policy(chosen.runtime) if service.cold_paths() else None
         if policy is not None and routed.escalation is None:
             reason = policy.before(
-                said,
+                said.text(),
                 len(tokens),
                 chosen.runtime.engine.context_per_slot,
                 request.headers.get(ESCALATE_HEADER, "").lower() in ("1", "true", "yes"),

@@ -347,6 +347,11 @@ def usage(event: Event) -> dict[str, int]:
     }
 
 
+def endpoint_of(kind: str) -> str:
+    """The endpoint a response kind answers, as /metrics and telemetry name it."""
+    return "chat" if kind == "chat.completion" else "completions"
+
+
 def record(
     service: Service,
     route: Route,
@@ -367,7 +372,7 @@ def record(
     applied = merged(routed.guard)
     now = time.time()
     release = route.runtime.model_id
-    endpoint = "chat" if kind == "chat.completion" else "completions"
+    endpoint = endpoint_of(kind)
     checks = service.online.checks if text is not None else ()
     failed = sum(1 for check in checks if not check.passes(text or ""))
     if route.role not in MIRRORED:

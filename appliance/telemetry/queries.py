@@ -128,15 +128,22 @@ class GuardStats:
     findings: dict[tuple[str, str, str], int]  # (direction, detector, action) -> findings
 
 
-def guard_stats(db: Database, window_seconds: float, now: float | None = None) -> GuardStats:
-    now = time.time() if now is None else now
-    rows = list(
+def _clients_rows(
+    db: Database, table: str, columns: str, window_seconds: float, now: float | None
+) -> list[dict]:
+    """The window's rows of `table` that clients caused (a shadow's or a replay's are not)."""
+    since = (time.time() if now is None else now) - window_seconds
+    return list(
         db.query(
-            "SELECT guard FROM requests WHERE time >= ? "
+            f"SELECT {columns} FROM {table} WHERE time >= ? "
             "AND (role IS NULL OR role IN ('stable', 'canary'))",
-            [now - window_seconds],
+            [since],
         )
     )
+
+
+def guard_stats(db: Database, window_seconds: float, now: float | None = None) -> GuardStats:
+    rows = _clients_rows(db, "requests", "guard", window_seconds, now)
     findings: dict[tuple[str, str, str], int] = {}
     refused = stopped = 0
     for row in rows:
@@ -163,14 +170,7 @@ class RetrievalStats:
 def retrieval_stats(
     db: Database, window_seconds: float, now: float | None = None
 ) -> RetrievalStats:
-    now = time.time() if now is None else now
-    rows = list(
-        db.query(
-            "SELECT ids, seconds FROM retrievals WHERE time >= ? "
-            "AND (role IS NULL OR role IN ('stable', 'canary'))",
-            [now - window_seconds],
-        )
-    )
+    rows = _clients_rows(db, "retrievals", "ids, seconds", window_seconds, now)
     counted: dict[str, int] = {}
     empty = 0
     for row in rows:
