@@ -142,6 +142,32 @@ class EvalTargetError(ApplianceError):
     exit_code = 26
 
 
+class FleetError(ApplianceError):
+    """HAProxy's runtime API cannot be reached or refused a change, or names no such node."""
+
+    exit_code = 50
+
+
+class NodeNotSettled(FleetError):
+    """A fleet wait ran out: a drained node still had requests in flight, or a node did not
+    become ready with the expected release in time."""
+
+    exit_code = 51
+
+
+class CanaryFailed(FleetError):
+    """A fleet canary node failed requests beyond the allowed rate, or lost readiness,
+    during its watch."""
+
+    exit_code = 52
+
+
+class CanaryInconclusive(FleetError):
+    """A fleet canary node answered too few requests during its watch to judge it."""
+
+    exit_code = 53
+
+
 class EngineError(ApplianceError):
     """llama.cpp could not load a model or decode a batch."""
 

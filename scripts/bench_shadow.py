@@ -116,9 +116,10 @@ def run_clients(
     prompts: Prompts = distinct,
     headers: dict[str, str] | None = None,
     think: float = 0.0,
+    clients: int = CLIENTS,
 ) -> tuple[list[bench_serve.Stream], float]:
-    """CLIENTS clients, each streaming `requests_each` of its prompts with `think` seconds
-    between its requests; the streams and the wall time."""
+    """`clients` clients (CLIENTS unless given), each streaming `requests_each` of its
+    prompts with `think` seconds between its requests; the streams and the wall time."""
     streams: list[bench_serve.Stream] = []
     counter = itertools.count()
 
@@ -128,7 +129,7 @@ def run_clients(
             streams.append(bench_serve.stream_completion(base, next(mine), headers))
             time.sleep(think)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
     for thread in threads:
         thread.start()

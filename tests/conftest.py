@@ -110,6 +110,66 @@ def write_bundle_dir(
     return target / "bundle.toml"
 
 
+EASY_SPEC = """
+[spec]
+name = "tiny"
+[sampling]
+temperature = 0.0
+seed = 7
+max_tokens = 8
+[[suites]]
+name = "shape"
+file = "golden/shape.jsonl"
+min_pass_rate = {min_pass_rate}
+[gates]
+max_defect_rate = {{ pii = 0.0 }}
+max_p95_latency_ms = 60000
+cost_per_cpu_hour = 0.05
+max_cost_per_success = {max_cost_per_success}
+"""
+CASES = [
+    {
+        "id": "short-1",
+        "input": {"prompt": "the model"},
+        "expected": {"max_chars": 500},
+        "scorers": ["max_length", "pii_leak"],
+        "tags": ["format", "pii"],
+    },
+    {
+        "id": "short-2",
+        "input": {"messages": [{"role": "user", "content": "hello"}]},
+        "expected": {"max_chars": 500},
+        "scorers": ["max_length"],
+        "tags": ["format"],
+    },
+    {
+        "id": "paris",
+        "input": {"prompt": "The Eiffel Tower is in"},
+        "weight": 3,
+        "expected": {"contains_any": ["Paris"]},
+        "scorers": ["contains"],
+        "tags": ["quality"],
+    },
+]
+
+
+def write_tiny_eval_bundle_dir(
+    target: Path, model: Path, release: tuple[str, int], spec: str, cases: list[dict]
+) -> Path:
+    """A bundle directory for `model` whose eval spec is `spec` over one golden set of
+    `cases` (eval/golden/shape.jsonl): quick to gate on the tiny model."""
+    version, sequence = release
+    toml = write_bundle_dir(target, model, release=(version, sequence, 0))
+    (target / "eval/spec.toml").write_text(spec)
+    (target / "eval/golden/shape.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
+    text = toml.read_text()
+    start = text.index("golden = [")
+    toml.write_text(
+        text[:start] + 'golden = ["eval/golden/shape.jsonl"]\n' + text[text.index("]", start) + 1 :]
+    )
+    return toml
+
+
 @pytest.fixture
 def tiny_bundle_toml(tmp_path: Path, tiny_gguf: Path) -> Path:
     return write_bundle_dir(tmp_path / "bundle-src", tiny_gguf)

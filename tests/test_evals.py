@@ -16,7 +16,7 @@ from xml.etree import ElementTree
 
 import httpx
 import pytest
-from conftest import write_bundle_dir
+from conftest import CASES, EASY_SPEC, write_bundle_dir, write_tiny_eval_bundle_dir
 from prometheus_client.parser import text_string_to_metric_families
 from serving import start_server
 from tinymodel import write_tiny_gguf
@@ -129,48 +129,6 @@ def test_paired_bootstrap_interval():
 
 # -- the runner and the gate on a real (tiny) release -----------------------------------
 
-EASY_SPEC = """
-[spec]
-name = "tiny"
-[sampling]
-temperature = 0.0
-seed = 7
-max_tokens = 8
-[[suites]]
-name = "shape"
-file = "golden/shape.jsonl"
-min_pass_rate = {min_pass_rate}
-[gates]
-max_defect_rate = {{ pii = 0.0 }}
-max_p95_latency_ms = 60000
-cost_per_cpu_hour = 0.05
-max_cost_per_success = {max_cost_per_success}
-"""
-CASES = [
-    {
-        "id": "short-1",
-        "input": {"prompt": "the model"},
-        "expected": {"max_chars": 500},
-        "scorers": ["max_length", "pii_leak"],
-        "tags": ["format", "pii"],
-    },
-    {
-        "id": "short-2",
-        "input": {"messages": [{"role": "user", "content": "hello"}]},
-        "expected": {"max_chars": 500},
-        "scorers": ["max_length"],
-        "tags": ["format"],
-    },
-    {
-        "id": "paris",
-        "input": {"prompt": "The Eiffel Tower is in"},
-        "weight": 3,
-        "expected": {"contains_any": ["Paris"]},
-        "scorers": ["contains"],
-        "tags": ["quality"],
-    },
-]
-
 
 def tiny_release(
     cli,
@@ -184,19 +142,15 @@ def tiny_release(
     load: str = "",
     max_cost_per_success: float = 1.0,
 ) -> str:
-    source = tmp_path / f"src-{version}"
-    toml = write_bundle_dir(source, model, release=(version, sequence, 0))
-    toml.write_text(toml.read_text().replace("max_tokens = 256", f"max_tokens = {max_tokens}"))
-    (source / "eval/spec.toml").write_text(
+    toml = write_tiny_eval_bundle_dir(
+        tmp_path / f"src-{version}",
+        model,
+        (version, sequence),
         EASY_SPEC.format(min_pass_rate=min_pass_rate, max_cost_per_success=max_cost_per_success)
-        + load
+        + load,
+        cases,
     )
-    (source / "eval/golden/shape.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
-    text = toml.read_text()
-    start = text.index("golden = [")
-    toml.write_text(
-        text[:start] + 'golden = ["eval/golden/shape.jsonl"]\n' + text[text.index("]", start) + 1 :]
-    )
+    toml.write_text(toml.read_text().replace("max_tokens = 256", f"max_tokens = {max_tokens}"))
     return build_and_install(cli, toml, tmp_path, version)
 
 

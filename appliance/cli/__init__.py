@@ -46,6 +46,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "incident",
         "Incident mode: freeze releases, route to the fallback, optionally roll back.",
     ),
+    "fleet": (
+        "appliance.cli.fleet",
+        "fleet",
+        "Nodes behind HAProxy: write its config, read each node's state, drain and re-enable.",
+    ),
     "eval": (
         "appliance.cli.evals",
         "eval_group",
