@@ -266,7 +266,7 @@ def test_a_rolling_release_under_load_fails_no_request(fleet: Fleet) -> None:
     # one node at a time, the canary first: each node's activation in order
     stamps = [audit_rows(n.home, "activate")[0]["time"] for n in fleet.nodes]
     assert stamps == sorted(stamps)
-    assert "Watch the canary node on live traffic" in out
+    assert re.search(r"Watch the canary node on live traffic\] \**\nok: \[node1\]", out), out
     assert fleet.all_back_in()
 
 
@@ -389,6 +389,8 @@ def test_bad_fleet_input_is_a_clear_error(fleet: Fleet, tmp_path: Path) -> None:
     code, said = appliance(tmp_path, "fleet", "wait-ready", fleet.url, "--release", "demo@9",
                            "--timeout", 0.5)  # fmt: skip
     assert code == 51
+    code, said = appliance(tmp_path, "fleet", "watch", "http://node1.example:8080")
+    assert code == 3 and "IP" in said["error"]  # never a name to look up
 
 
 def test_an_api_key_set_moves_as_hashes_and_revocations_follow(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ reads, plus the counters Prometheus would scrape.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.errors import CanaryFailed, CanaryInconclusive, NodeNotSettled
+from appliance.errors import CanaryFailed, CanaryInconclusive, NodeNotSettled, UsageError
 
 TIMEOUT_SECONDS = 5.0
 
@@ -43,8 +44,22 @@ class NodeView:
         return out
 
 
+def node_url(url: str) -> str:
+    """A node's base URL: http(s) to an IP address, never a host name (a lookup is a packet
+    out, as for a cold-path target)."""
+    try:
+        parsed = httpx.URL(url)
+        ipaddress.ip_address(parsed.host)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise UsageError(f"a node is addressed as http://IP:PORT, not {url!r}") from exc
+    if parsed.scheme not in ("http", "https") or parsed.path not in ("", "/"):
+        raise UsageError(f"a node is addressed as http://IP:PORT, not {url!r}")
+    return url.rstrip("/")
+
+
 def read_node(url: str) -> NodeView:
     """The node's readiness and figures; an unreachable node is not ready, with the reason."""
+    url = node_url(url)
     with httpx.Client(base_url=url, timeout=TIMEOUT_SECONDS) as client:
         try:
             ready = client.get("/readyz")
