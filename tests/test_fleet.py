@@ -8,6 +8,7 @@ node, ready and back in HAProxy, except the last, which kills a node.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -32,7 +33,7 @@ from appliance.bundler.spec import load_bundle_spec
 from appliance.fleet.haproxy import RuntimeAPI
 from appliance.fleet.nodes import read_node
 from appliance.trust.crypto import load_signing_key
-from appliance.trust.keyfiles import write_key_pair
+from appliance.trust.keyfiles import KeyPairFiles, write_key_pair
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 BIN = Path(sys.executable).parent
@@ -184,20 +185,32 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):
     key_set = root / "api-keys.json"
     assert appliance(controller, "apikeys", "export", "--out", key_set)[0] == 0
 
+    with contextlib.ExitStack() as running:  # stopped even when the setup fails midway
+        yield start_fleet(running, root, bundles, key, key_set, (keys, other))
+
+
+def start_fleet(
+    running: contextlib.ExitStack,
+    root: Path,
+    bundles: dict[str, Path],
+    key: str,
+    key_set: Path,
+    signers: tuple[KeyPairFiles, KeyPairFiles],
+) -> Fleet:
     nodes = []
     for i in (1, 2, 3):
         home = root / f"node{i}"
-        assert appliance(home, "keys", "trust", keys.public_key)[0] == 0
-        if i < 3:
-            assert appliance(home, "keys", "trust", other.public_key)[0] == 0
+        for signer in signers[: 2 if i < 3 else 1]:  # node3 trusts only the first
+            assert appliance(home, "keys", "trust", signer.public_key)[0] == 0
         (home / "incoming").mkdir()
         server = start_server(home, "--slots", "2", expect_ready=False)
+        running.callback(server.stop)
         nodes.append(FleetNode(f"node{i}", server))
 
     socket_path, port = root / "haproxy.sock", free_port()
     config = root / "haproxy.cfg"
     code, _ = appliance(
-        controller,
+        root / "controller",
         "fleet", "haproxy-config",
         *[f"--node=node{i}={n.server.url.removeprefix('http://')}" for i, n in enumerate(nodes, 1)],
         "--bind", f"127.0.0.1:{port}", "--socket", socket_path,
@@ -208,6 +221,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):
     subprocess.run([HAPROXY, "-c", "-q", "-f", str(config)], check=True)
     with open(root / "haproxy.log", "w") as log:  # no syslog here: its alerts go to stderr
         haproxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=log, stderr=log)
+    running.callback(haproxy.wait, 10)
+    running.callback(haproxy.terminate)
 
     inventory = root / "inventory.ini"
     hosts = "\n".join(
@@ -227,11 +242,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):
     assert wait_for(socket_path.exists, 10)
     code, out, _ = fleet.playbook("apikeys.yml", key_set=key_set)
     assert code == 0, out
-    yield fleet
-    haproxy.terminate()
-    haproxy.wait(10)
-    for node in nodes:
-        node.server.stop()
+    return fleet
 
 
 def audit_rows(home: Path, action: str) -> list[dict]:

@@ -16,6 +16,7 @@ from sqlite_utils import Database
 
 from appliance.errors import StoreError, UsageError
 from appliance.store import audit
+from appliance.store.db import write_transaction
 from appliance.store.records import now
 from appliance.store.releases import ReleaseStore
 
@@ -38,7 +39,7 @@ def create_api_key(store: ReleaseStore, name: str) -> tuple[dict[str, Any], str]
         "created": now(),
         "revoked": None,
     }
-    with store.admin() as db, db.atomic():
+    with store.admin() as db, write_transaction(db):
         row["id"] = db["api_keys"].insert(row).last_pk
         audit.append(
             db, "apikey create", row["prefix"], details={"name": name, "key_sha256": row["sha256"]}
@@ -66,7 +67,7 @@ def revoke_api_key(store: ReleaseStore, key: str, reason: str = "") -> dict[str,
         row = rows[0]
         if row["revoked"] is None:
             row["revoked"] = now()
-            with db.atomic():
+            with write_transaction(db):
                 db["api_keys"].update(row["id"], {"revoked": row["revoked"]})
                 audit.append(
                     db,
@@ -91,7 +92,7 @@ def import_api_keys(store: ReleaseStore, key_set: dict[str, Any], reason: str) -
     incoming = _key_set_rows(key_set)
     added: list[str] = []
     revoked: list[str] = []
-    with store.admin() as db, db.atomic():
+    with store.admin() as db, write_transaction(db):
         known = {r["sha256"]: r for r in db.query("SELECT * FROM api_keys")}
         for row in incoming:
             mine = known.get(row["sha256"])

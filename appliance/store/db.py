@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -43,6 +44,26 @@ def open_state_db(path: Path) -> Database:
         schema_migrations().apply(db)
         telemetry_migrations().apply(db)
     return db
+
+
+@contextlib.contextmanager
+def write_transaction(db: Database) -> Iterator[Database]:
+    """A transaction that takes the write lock when it begins (BEGIN IMMEDIATE), waiting up
+    to the busy timeout for it. A deferred one that reads first (sqlite-utils' update reads
+    the row before it writes) fails at once with "database is locked" in WAL mode when
+    another connection, such as the service's telemetry writer, committed meanwhile.
+    Nested, it is a savepoint of the outer transaction."""
+    if db.conn.in_transaction:
+        with db.atomic():
+            yield db
+        return
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.conn.rollback()
+        raise
+    db.conn.commit()
 
 
 def schema_migrations() -> Migrations:

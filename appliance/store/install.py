@@ -26,6 +26,7 @@ from appliance.errors import HostError, ReplayError
 from appliance.paths import AppliancePaths
 from appliance.retrieval.index import index_corpus
 from appliance.store import audit
+from appliance.store.db import write_transaction
 from appliance.store.faults import fault_point
 from appliance.store.gate import spec_hash
 from appliance.store.records import InstallResult, Release, find_release, now
@@ -126,7 +127,7 @@ def _install(
     os.rename(staging, target)
     _fsync_dir(target.parent)
     fault_point("install.after_rename")
-    with db.atomic():
+    with write_transaction(db):
         row = _release_row(verified, target)
         db["releases"].insert(row)
         _raise_sequence_marks(db, manifest)

@@ -12,6 +12,7 @@ from sqlite_utils import Database
 
 from appliance.paths import AppliancePaths
 from appliance.store import audit
+from appliance.store.db import write_transaction
 from appliance.store.faults import fault_point
 from appliance.trust.crypto import PublicKey
 from appliance.trust.truststore import (
@@ -29,7 +30,7 @@ def trust(db: Database, paths: AppliancePaths, public_key: PublicKey, name: str)
     already = load_trust_store(paths.trust_store).active_key(public_key.key_id)
     if already is not None:
         return already  # nothing changes, nothing to audit
-    with db.atomic():
+    with write_transaction(db):
         audit.append(db, "key trust", public_key.key_id, details={"name": name})
         fault_point("keys.before_write")
         key = trust_key(paths.trust_store, public_key, name)
@@ -39,7 +40,7 @@ def trust(db: Database, paths: AppliancePaths, public_key: PublicKey, name: str)
 
 def revoke(db: Database, paths: AppliancePaths, key_id_prefix: str, reason: str) -> TrustedKey:
     found = find_key(load_trust_store(paths.trust_store), key_id_prefix)
-    with db.atomic():
+    with write_transaction(db):
         audit.append(db, "key revoke", found.key_id, reason, {"name": found.name})
         fault_point("keys.before_write")
         key = revoke_key(paths.trust_store, found.key_id)
@@ -48,7 +49,7 @@ def revoke(db: Database, paths: AppliancePaths, key_id_prefix: str, reason: str)
 
 
 def threshold(db: Database, paths: AppliancePaths, k: int) -> TrustStore:
-    with db.atomic():
+    with write_transaction(db):
         audit.append(db, "key threshold", str(k))
         fault_point("keys.before_write")
         store = set_threshold(paths.trust_store, k)

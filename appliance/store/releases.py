@@ -25,7 +25,7 @@ from appliance.errors import (
 )
 from appliance.paths import AppliancePaths
 from appliance.store import audit, keychanges, ledger
-from appliance.store.db import open_state_db
+from appliance.store.db import open_state_db, write_transaction
 from appliance.store.faults import fault_point
 from appliance.store.gate import GateDecision, activation_gate, host_id
 from appliance.store.install import (
@@ -145,7 +145,7 @@ class ReleaseStore:
                     f"a rollout of {rollout.candidate} is running; promote or abort it first"
                 )
             decision = self.check_activatable(db, release, force)
-            with db.atomic():
+            with write_transaction(db):
                 previous = self.switch_active(db, release)
                 audit.append(
                     db,
@@ -188,7 +188,7 @@ class ReleaseStore:
         """Switch back to the previous good release (allowed while frozen)."""
         with self.admin() as db:
             current = self.release_by_id(db, self.state(db).active_id)
-            with db.atomic():
+            with write_transaction(db):
                 target = self.rollback_in(db, reason)
                 fault_point("rollback.in_transaction")
             fault_point("rollback.after_commit")
@@ -218,7 +218,7 @@ class ReleaseStore:
     def freeze(self, reason: str) -> None:
         if not reason.strip():
             raise UsageError("freezing needs a reason")
-        with self.admin() as db, db.atomic():
+        with self.admin() as db, write_transaction(db):
             self.freeze_in(db, reason)
 
     def freeze_in(self, db: Database, reason: str) -> None:
@@ -230,7 +230,7 @@ class ReleaseStore:
         audit.append(db, "freeze", "releases", reason)
 
     def unfreeze(self, reason: str = "") -> None:
-        with self.admin() as db, db.atomic():
+        with self.admin() as db, write_transaction(db):
             self.unfreeze_in(db, reason)
 
     def unfreeze_in(self, db: Database, reason: str) -> None:
@@ -255,7 +255,7 @@ class ReleaseStore:
                 raise StoreError(
                     f"{ref} is the cold-path target {routed[0]}; route remove it first"
                 )
-            with db.atomic():
+            with write_transaction(db):
                 db["releases"].delete(release.id)
                 # Its reports go with it: they judged bytes that are no longer here.
                 dropped = db.execute(
@@ -288,7 +288,7 @@ class ReleaseStore:
             "created": now(),
             "report": report_json,
         }
-        with self.admin() as db, db.atomic():
+        with self.admin() as db, write_transaction(db):
             if self.release_by_id(db, release.id) != release:
                 raise StoreError(f"{release.ref} was removed or replaced during the eval")
             report_id = db["eval_reports"].insert(row).last_pk

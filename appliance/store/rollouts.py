@@ -19,6 +19,7 @@ from sqlite_utils import Database
 
 from appliance.errors import FrozenError, StoreError, UsageError
 from appliance.store import audit
+from appliance.store.db import write_transaction
 from appliance.store.faults import fault_point
 from appliance.store.records import Release, now
 
@@ -127,7 +128,7 @@ def start_rollout(
             "reason": reason,
             "last_check": None,
         }
-        with db.atomic():
+        with write_transaction(db):
             rollout_id = db["rollouts"].insert(row).last_pk
             audit.append(
                 db,
@@ -159,7 +160,7 @@ def advance_rollout(store: ReleaseStore, rollout_id: int, evidence: dict[str, An
             raise FrozenError(f"releases are frozen ({state.frozen_reason}): the rollout waits")
         if rollout.mode != "canary" or rollout.step + 1 >= len(rollout.steps):
             return _promote(store, db, rollout, "every step passed", evidence)
-        with db.atomic():
+        with write_transaction(db):
             db["rollouts"].update(rollout.id, {"step": rollout.step + 1, "step_started": now()})
             audit.append(
                 db,
@@ -201,7 +202,7 @@ def abort_rollout(
         raise UsageError("aborting a rollout needs a reason")
     with store.admin() as db:
         rollout = _running(db, rollout_id)
-        with db.atomic():
+        with write_transaction(db):
             end(db, rollout, "aborted", reason, evidence)
             fault_point("rollout.in_transaction")
         fault_point("rollout.after_commit")
@@ -233,7 +234,7 @@ def end(
 
 def record_check(db: Database, rollout_id: int, check: dict[str, Any]) -> None:
     """The judge's latest look at a running rollout, for `rollout status` and the console."""
-    with db.atomic():
+    with write_transaction(db):
         db.execute(
             "UPDATE rollouts SET last_check = ? WHERE id = ? AND state = 'running'",
             [json.dumps(check), rollout_id],
@@ -251,7 +252,7 @@ def _promote(
     if release is None or release.manifest_sha256 != rollout.manifest_sha256:
         raise StoreError(f"{rollout.candidate} is no longer installed as it was")
     store.check_activatable(db, release)
-    with db.atomic():
+    with write_transaction(db):
         store.switch_active(db, release)
         db["rollouts"].update(rollout.id, {"state": "promoted", "ended": now(), "reason": reason})
         audit.append(

@@ -29,6 +29,7 @@ from sqlite_utils import Database
 from appliance.errors import StoreError, UsageError
 from appliance.serve.policy import parse_override
 from appliance.store import audit
+from appliance.store.db import write_transaction
 from appliance.store.faults import fault_point
 from appliance.store.ledger import TARGET_FIELDS, policy_overrides
 from appliance.store.records import now
@@ -155,7 +156,7 @@ def add_target(
             store.check_activatable(db, store.release(db, release))
         last = db.execute("SELECT MAX(position) FROM route_targets").fetchone()[0]
         row |= {"position": (last or 0) + 1, "registered": now()}
-        with db.atomic():
+        with write_transaction(db):
             db["route_targets"].insert(row)
             audit.append(db, "route target add", name, reason, _fingerprint(row))
             fault_point("routing.in_transaction")
@@ -167,7 +168,7 @@ def remove_target(store: ReleaseStore, name: str, reason: str = "") -> Target:
         found = [t for t in targets(db) if t.name == name]
         if not found:
             raise StoreError(f"no cold-path target named {name}")
-        with db.atomic():
+        with write_transaction(db):
             db["route_targets"].delete(name)
             audit.append(db, "route target remove", name, reason)
             fault_point("routing.in_transaction")
@@ -181,7 +182,7 @@ def set_fallback(store: ReleaseStore, on: bool, reason: str) -> RoutingState:
     with store.admin() as db:
         if on and not targets(db):
             raise StoreError("no cold-path target is registered: `appliance route add` first")
-        with db.atomic():
+        with write_transaction(db):
             _set_fallback(db, on, reason)
         return routing_state(db)
 
@@ -195,7 +196,7 @@ def start_incident(store: ReleaseStore, reason: str, rollback: bool = False) -> 
         already = routing_state(db).incident
         if already is not None:
             raise StoreError(f"an incident is open already ({already})")
-        with db.atomic():
+        with write_transaction(db):
             rolled_back = store.rollback_in(db, f"incident: {reason}").ref if rollback else None
             store.freeze_in(db, f"incident: {reason}")
             fallback = bool(targets(db))
@@ -215,7 +216,7 @@ def end_incident(store: ReleaseStore, reason: str = "") -> RoutingState:
     with store.admin() as db:
         if routing_state(db).incident is None:
             raise StoreError("no incident is open")
-        with db.atomic():
+        with write_transaction(db):
             store.unfreeze_in(db, f"incident over: {reason}".rstrip(": "))
             _set_fallback(db, False, "incident over")
             db["routing"].update(1, {"incident": None, "incident_started": None})
@@ -277,7 +278,7 @@ def _change_policy(
         if change is None and key not in overrides:
             raise StoreError(f"the routing policy has no override of {key}")
         overrides = {**overrides, **change} if change else _without(overrides, key)
-        with db.atomic():
+        with write_transaction(db):
             db["routing"].update(1, {"policy": json.dumps(overrides, sort_keys=True)})
             audit.append(db, action, key, reason, {"policy": overrides})
             fault_point("routing.in_transaction")
