@@ -100,6 +100,7 @@ def import_api_keys(store: ReleaseStore, key_set: dict[str, Any], reason: str) -
             if mine is None:
                 mine = {**row, "revoked": None}
                 mine["id"] = db["api_keys"].insert(mine).last_pk
+                known[row["sha256"]] = mine  # a set that lists a key twice adds it once
                 audit.append(db, "apikey create", row["prefix"], reason, details)
                 added.append(row["prefix"])
             if row["revoked"] and mine["revoked"] is None:
