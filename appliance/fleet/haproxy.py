@@ -240,5 +240,5 @@ def _server_view(row: dict[str, str]) -> ServerView:
         sessions=number("scur"),
         queued=number("qcur"),
         total=number("stot"),
-        check=row.get("check_status", ""),
+        check=row.get("check_status", "").removeprefix("* "),  # "* ": a check is running
     )
