@@ -30,7 +30,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serve  # noqa: E402 - the workloads and the streaming client
-from bench_shadow import appliance, free_port, release_source, run_clients, wait  # noqa: E402
+from bench_shadow import (  # noqa: E402
+    appliance,
+    free_port,
+    release_source,
+    run_clients,
+    serving,
+    wait,
+)
 
 NODES = 3
 SLOTS = 4
@@ -68,33 +75,11 @@ def prepare(work: Path, model: Path | None) -> list[Path]:
 @contextlib.contextmanager
 def fleet(work: Path, homes: list[Path]) -> Iterator[tuple[list[str], str, Path]]:
     """The nodes and HAProxy in front of them: (node URLs, HAProxy's URL, its socket)."""
-    processes: list[subprocess.Popen] = []
-    try:
-        urls = []
-        for home in homes:
-            port = free_port()
-            with open(work / f"{home.name}.log", "w") as log:
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "appliance",
-                            "serve",
-                            "--port",
-                            str(port),
-                            "--slots",
-                            str(SLOTS),
-                            "--insecure-no-auth",
-                        ],
-                        env={**os.environ, "APPLIANCE_HOME": str(home)},
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )  # fmt: skip
-                )
-            urls.append(f"http://127.0.0.1:{port}")
-        for url in urls:
-            wait(lambda url=url: httpx.get(f"{url}/readyz", timeout=1).status_code == 200)
+    with contextlib.ExitStack() as running:
+        urls = [
+            running.enter_context(serving(home, work / f"{home.name}.log", "--slots", str(SLOTS)))
+            for home in homes
+        ]
         socket_path, port = work / "haproxy.sock", free_port()
         config = work / "haproxy.cfg"
         appliance(
@@ -103,15 +88,14 @@ def fleet(work: Path, homes: list[Path]) -> Iterator[tuple[list[str], str, Path]
             "--bind", f"127.0.0.1:{port}", "--socket", socket_path, "--maxconn", SLOTS,
             "--inter-ms", 1000, "--slowstart-s", 0, "--out", config,
         )  # fmt: skip
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        processes.append(subprocess.Popen([haproxy, "-db", "-f", str(config)]))
+        haproxy = subprocess.Popen(
+            [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(config)]
+        )
+        running.callback(haproxy.wait, 60)
+        running.callback(haproxy.terminate)
         base = f"http://127.0.0.1:{port}"
         wait(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200)
         yield urls, base, socket_path
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(60)
 
 
 def in_rotation(work: Path, socket_path: Path, count: int) -> None:

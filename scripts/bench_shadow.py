@@ -213,13 +213,22 @@ def run(home: Path, base: str, args: argparse.Namespace) -> tuple:
 
 
 @contextlib.contextmanager
-def serving(home: Path, log: Path) -> Iterator[str]:
-    """`appliance serve` on a free loopback port, ready; yields its base URL."""
+def serving(home: Path, log: Path, *args: str) -> Iterator[str]:
+    """`appliance serve [ARGS]` on a free loopback port, ready; yields its base URL."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--insecure-no-auth"],
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                "serve",
+                "--port",
+                str(port),
+                "--insecure-no-auth",
+                *args,
+            ],  # fmt: skip
             env={**os.environ, "APPLIANCE_HOME": str(home)},
             stdout=out,
             stderr=subprocess.STDOUT,
