@@ -32,7 +32,8 @@ from tinymodel import write_tiny_gguf
 
 from appliance.bundler.builder import build_bundle
 from appliance.bundler.spec import load_bundle_spec
-from appliance.trust.gguf_check import FIRST_TRY_BYTES
+from appliance.errors import GGUFError
+from appliance.trust.gguf_check import FIRST_TRY_BYTES, _Cursor, _packed_strings_end
 from appliance.trust.manifest import FileEntry, Manifest, statement_bytes
 from appliance.trust.signature import parse_signature_file, sign_payload
 
@@ -539,7 +540,9 @@ TINY_HPARAMS = {
 }
 
 
-def gguf_with(path: Path, tokens: tuple[str, ...] = ("<unk>", "a", "b"), **hparams) -> bytes:
+def gguf_with(
+    path: Path, tokens: tuple[str | bytes, ...] = ("<unk>", "a", "b"), **hparams
+) -> bytes:
     """A small llama GGUF with the tiny model's hyperparameters, changed by `hparams`
     (a value of None drops the key; a list is written as an array)."""
     writer = GGUFWriter(str(path), "llama")
@@ -613,18 +616,90 @@ def test_gguf_vocabulary_with_a_token_twice(verify, members, tmp_path, trusted_k
     assert "token 'a' twice" in message
 
 
+HOSTILE_VOCABULARIES = {
+    "invalid_utf8": ((b"<unk>", b"a", b"\xff"), "UTF-8"),
+    "invalid_utf8_in_a_long_token": ((b"<unk>", b"a" * 200 + b"\xc3"), "UTF-8"),
+    "a_long_token_twice": ((b"<unk>", b"x" * 200, b"y", b"x" * 200), "token 'xxx"),
+    "an_empty_token_named_like_another": ((b"<unk>", b"", b"[EMPTY_1]"), "'[EMPTY_1]' twice"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE_VOCABULARIES))
+def test_gguf_vocabularies_refused(verify, members, tmp_path, trusted_key, attack):
+    """Vocabularies the packed check cannot decide (a long or empty token, a duplicate,
+    bad UTF-8) go to the exact loop, which refuses them with the reason."""
+    tokens, reason = HOSTILE_VOCABULARIES[attack]
+    model = gguf_with(tmp_path / "hostile.gguf", tokens=tokens)
+    files = {**content(members), "model.gguf": model}
+    code, message = verify(signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key]))
+    assert code == 15, message
+    assert reason in message
+
+
+WORDS = [f"t{i}".encode() for i in range(5000)]
+# tokens; whether the packed check decides them (else the exact loop does); valid or not
+PACKED_VOCABULARIES = {
+    "ordinary": ([b"<unk>", "h\u00e9llo".encode(), "\u65e5\u672c".encode(), *WORDS], True, True),
+    "longest_under_128": ([b"a" * 127, b"b"], True, True),
+    "one_of_128": ([b"a" * 128, b"b"], False, True),
+    "a_token_holding_a_length": ([b"a\x05" + bytes(7) + b"b", b"c"], False, True),
+    "an_empty_token": ([b"a", b"", b"b"], False, True),
+    "long_tokens_alike_at_both_ends": (
+        [b"a" * 24 + b"X" + b"b" * 8, b"a" * 24 + b"Y" + b"b" * 8],
+        True,
+        True,
+    ),
+    "a_token_twice": ([b"a", b"b", b"a"], False, False),
+    "a_long_token_twice": (
+        [b"a" * 24 + b"X" + b"b" * 8, b"c", b"a" * 24 + b"X" + b"b" * 8],
+        False,
+        False,
+    ),
+    "invalid_utf8": ([b"a", b"\xe6\x97"], False, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PACKED_VOCABULARIES))
+def test_packed_vocabulary_check_decides_only_what_the_exact_loop_accepts(case):
+    """The packed check (numpy, ~4x faster on Gemma's 262k tokens) must never accept what
+    the exact loop refuses, nor place the end elsewhere; and it must decide the common
+    case, or verification silently falls back to the slow loop."""
+    tokens, decided, valid = PACKED_VOCABULARIES[case]
+    data = b"".join(struct.pack("<Q", len(t)) + t for t in tokens) + bytes(64)
+    packed_end = _packed_strings_end(data, 0, len(tokens), unique=True)
+    try:
+        exact_end = _Cursor(data, complete=True)._strings_one_by_one(len(tokens), unique=True)
+    except GGUFError:
+        exact_end = None
+    assert (packed_end is not None, exact_end is not None) == (decided, valid)
+    if decided:
+        assert packed_end == exact_end == len(data) - 64
+
+
 @pytest.mark.parametrize("twice", [False, True])
-def test_gguf_header_longer_than_the_first_try(verify, members, tmp_path, trusted_key, twice):
-    """The header check first parses the model's first FIRST_TRY_BYTES; a header that goes
-    on past them (a large vocabulary) is checked whole, a token twice near its end too."""
+def test_gguf_header_longer_than_the_first_try(
+    verify, run_cli, members, tmp_path, trusted_key, twice
+):
+    """The verifier keeps the model's first FIRST_TRY_BYTES for the header check; a header
+    that goes on past them (a large vocabulary) has the bundle verified again, keeping up
+    to the cap, and checked whole (a token twice near its end too). Unpacking extracts
+    again on that second pass."""
     tokens = [f"{i:07d}" + "x" * 120 for i in range((FIRST_TRY_BYTES >> 7) + 1000)]
     if twice:
         tokens[-1] = tokens[-2]
     model = gguf_with(tmp_path / "big-vocab.gguf", tokens=tuple(tokens))
     assert len(model) > FIRST_TRY_BYTES + 64 * 1024
     files = {**content(members), "model.gguf": model}
-    code, message = verify(signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key]))
+    bundle = signed_bundle(tmp_path / "c.tar", files, [trusted_key.signing_key])
+    code, message = verify(bundle)
     assert (code, "twice" in message) == ((15, True) if twice else (0, False)), message
+    result = run_cli("bundle", "unpack", bundle, "--out", tmp_path / "files")
+    assert result.exit_code == code, result.output
+    if not twice:
+        unpacked = {p.name: p.read_bytes() for p in (tmp_path / "files").rglob("*") if p.is_file()}
+        assert unpacked["model.gguf"] == model
+        assert len(unpacked) == len(files) + 1  # and the signature
+    assert not (tmp_path / ".files.partial").exists()
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,6 @@ from typing import Any
 
 import click
 
-from appliance.bundler.builder import build_bundle, source_model
-from appliance.bundler.spec import load_bundle_spec
 from appliance.cli.common import (
     emit_json,
     json_option,
@@ -34,6 +32,11 @@ def bundle() -> None:
 @json_option
 def build(bundle_toml: Path, key_paths: tuple[Path, ...], out_dir: Path, as_json: bool) -> None:
     """Build and sign the release described by BUNDLE_TOML."""
+    # here, not at the top: the spec's safety detectors take ~0.2 s to import, and verify
+    # (run by security staff on many bundles) needs none of it
+    from appliance.bundler.builder import build_bundle, source_model
+    from appliance.bundler.spec import load_bundle_spec
+
     spec = load_bundle_spec(bundle_toml)
     signing_keys = [load_key_file(p) for p in key_paths]
     source, _ = source_model(spec)

@@ -9,13 +9,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
 from appliance.errors import ApplianceError, HostError, UsageError
 from appliance.paths import appliance_paths
-from appliance.trust.crypto import SigningKey, WrongPassphrase, load_signing_key
+
+if TYPE_CHECKING:
+    from appliance.trust.crypto import SigningKey
 
 PASSPHRASE_ENV = "APPLIANCE_KEY_PASSPHRASE"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,6 +124,8 @@ def progress_bar(total: int, label: str, enabled: bool) -> Iterator[Callable[[in
 
 def load_key_file(path: Path) -> SigningKey:
     """Load a private key, asking for its passphrase (env var or prompt) when encrypted."""
+    from appliance.trust.crypto import WrongPassphrase, load_signing_key  # not for --help
+
     try:
         pem = path.read_bytes()
     except OSError as exc:
