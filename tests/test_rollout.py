@@ -26,6 +26,8 @@ from test_console import confirm_with, console_for, until
 from test_evals import cli, tiny_release  # noqa: F401
 from tinymodel import write_tiny_gguf
 
+from appliance.evals.spec import Online
+from appliance.serve.rollout import MIN_LATENCY_SAMPLES, _Side, _tests
 from appliance.store.faults import FAULT_ENV
 
 PROMPTS = ["the model", "hello world", "one two three"]
@@ -253,6 +255,24 @@ def test_a_canary_that_breaks_an_online_check_is_aborted_by_itself(
     assert not [r for r in responses if r[2] == "canary" and r[0] > aborted_at + 1]
     assert all(status == 200 for _t, status, _role, _text in responses)
     assert appliance("audit", "verify").returncode == 0
+
+
+def test_p95_latency_is_judged_only_on_enough_answers():
+    """A canary just loaded answers its first requests slowly; on 16 answers its p95 was
+    one of them and aborted a candidate identical to stable. Below MIN_LATENCY_SAMPLES
+    answers a side the p95 is not judged; with them, a slow canary still aborts."""
+
+    def side(latency: float, n: int) -> _Side:
+        return _Side(n=n, errors=0, latencies=[latency] * n, checked=0, check_failures=0,
+                     agreements=[])  # fmt: skip
+
+    few = _tests(side(0.1, 20), side(0.35, 16), Online())["p95_latency"]
+    assert not few["regression"] and "not judged yet" in few["detail"]
+    n = MIN_LATENCY_SAMPLES
+    enough = _tests(side(0.1, n), side(0.35, n), Online())["p95_latency"]
+    assert enough["regression"], enough
+    alike = _tests(side(0.1, n), side(0.1, n), Online())["p95_latency"]
+    assert not alike["regression"], alike
 
 
 def test_too_little_traffic_is_inconclusive_and_a_freeze_holds_the_canary(

@@ -5,8 +5,9 @@ key), so a conversation stays on one release, and a bucket below the share at on
 stays below it at the next. The judge compares the candidate with stable over the current
 step's window, on the statistics of the offline gate (appliance.evals.stats): the rate of
 server errors and of failed online checks (a one-sided two-proportion test against the
-spec's margin) and p95 latency (a bootstrap interval). Too few candidate requests is
-"inconclusive": the step waits, it never passes.
+spec's margin) and p95 latency (a bootstrap interval, once each side has
+MIN_LATENCY_SAMPLES answers). Too few candidate requests is "inconclusive": the step
+waits, it never passes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ STABLE, CANARY, SHADOW = "stable", "canary", "shadow"
 REPLAY = "replay"  # stable answering a mirrored copy itself: the shadow's noise floor
 MIRRORED = (SHADOW, REPLAY)  # copies no client waits for
 SESSION_HEADER = "x-appliance-session"
+# The p95 of fewer answers is one of their few slowest, so a canary's first requests (a
+# model just loaded, its caches cold) would decide it alone: seen as false aborts of a
+# candidate identical to stable, on 16 answers.
+MIN_LATENCY_SAMPLES = 40
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,14 @@ def _tests(stable: _Side, canary: _Side, online: Online) -> dict[str, dict[str, 
             f"{online.check_margin:g})",
         },
     }
+    if min(len(canary.latencies), len(stable.latencies)) < MIN_LATENCY_SAMPLES:
+        tests["p95_latency"] = {
+            "test": "bootstrap 95% interval of the canary's p95",
+            "regression": False,
+            "detail": f"p95 not judged yet: {len(canary.latencies)} canary and "
+            f"{len(stable.latencies)} stable answers, {MIN_LATENCY_SAMPLES} each needed",
+        }
+        return tests
     stable_p95 = percentile(stable.latencies, 95)
     low, high = percentile_interval(canary.latencies, 95)
     if stable_p95 is not None and low is not None:
