@@ -373,4 +373,9 @@ def test_the_gate_judges_the_release_with_its_policy_in_process_and_over_http(
             f for f in report["safety"]["findings"]
         ]
         assert report["safety"]["stopped"] >= 1
-    assert reports[0]["safety"] == reports[1]["safety"]
+    # The same inputs meet the same policy both ways. Answers need not be the same: both
+    # runs decode `load.clients` cases together, and the batch a greedy answer is decoded
+    # in can change its later tokens (a CI run counted national-id redactions differently
+    # each way), so output findings are only checked per report, above.
+    inputs = [[f for f in r["safety"]["findings"] if f["direction"] == "input"] for r in reports]
+    assert inputs[0] == inputs[1] and inputs[0], inputs
