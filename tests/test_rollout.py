@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -31,9 +32,13 @@ from appliance.serve.rollout import MIN_LATENCY_SAMPLES, _Side, _tests
 from appliance.store.faults import FAULT_ENV
 
 PROMPTS = ["the model", "hello world", "one two three"]
+# These releases answer in ~15 ms, so one stall of this 2-core host (the tests' own CLI
+# calls) is 10x their median: their p95 may double before the judge calls it a regression.
+# The latency judge itself is pinned by the tests of _tests below.
 ONLINE = """
 [online]
 checks = [{ name = "no-eights", scorer = "contains", expected = { contains_none = ["8"] } }]
+latency_margin = 1.0
 """
 
 
@@ -257,22 +262,55 @@ def test_a_canary_that_breaks_an_online_check_is_aborted_by_itself(
     assert appliance("audit", "verify").returncode == 0
 
 
+def side(latencies: list[float]) -> _Side:
+    """A side of the judge's window whose answers all succeeded, unchecked."""
+    n = len(latencies)
+    return _Side(n=n, errors=0, latencies=latencies, checked=0, check_failures=0, agreements=[])
+
+
 def test_p95_latency_is_judged_only_on_enough_answers():
     """A canary just loaded answers its first requests slowly; on 16 answers its p95 was
     one of them and aborted a candidate identical to stable. Below MIN_LATENCY_SAMPLES
     answers a side the p95 is not judged; with them, a slow canary still aborts."""
-
-    def side(latency: float, n: int) -> _Side:
-        return _Side(n=n, errors=0, latencies=[latency] * n, checked=0, check_failures=0,
-                     agreements=[])  # fmt: skip
-
-    few = _tests(side(0.1, 20), side(0.35, 16), Online())["p95_latency"]
+    few = _tests(side([0.1] * 20), side([0.35] * 16), Online())["p95_latency"]
     assert not few["regression"] and "not judged yet" in few["detail"]
     n = MIN_LATENCY_SAMPLES
-    enough = _tests(side(0.1, n), side(0.35, n), Online())["p95_latency"]
+    enough = _tests(side([0.1] * n), side([0.35] * n), Online())["p95_latency"]
     assert enough["regression"], enough
-    alike = _tests(side(0.1, n), side(0.1, n), Online())["p95_latency"]
+    alike = _tests(side([0.1] * n), side([0.1] * n), Online())["p95_latency"]
     assert not alike["regression"], alike
+
+
+def test_p95_latency_judge_weighs_the_noise_of_both_sides():
+    """Host stalls slow a few answers of either side at random (seen: 6 of a just-loaded
+    canary's 59 answers over 70 ms while stable's p95 read 36 ms, and an identical
+    candidate aborted). Stable's p95 is an estimate too: the judge resamples both sides,
+    so identical stall-prone sides rarely read as a regression, and a canary twice as
+    slow still does."""
+    rng = random.Random(11)
+
+    def stalls(n: int, scale: float = 1.0) -> list[float]:
+        return [
+            scale
+            * (
+                0.015 * rng.lognormvariate(0, 0.4)
+                + (rng.uniform(0.05, 0.3) if rng.random() < 0.06 else 0)
+            )
+            for _ in range(n)
+        ]
+
+    def steady(n: int, scale: float = 1.0) -> list[float]:
+        return [scale * 0.3 * rng.lognormvariate(0, 0.3) for _ in range(n)]
+
+    def regressions(draw, scale: float, looks: int = 100) -> int:
+        return sum(
+            _tests(side(draw(60)), side(draw(60, scale)), Online())["p95_latency"]["regression"]
+            for _ in range(looks)
+        )
+
+    assert regressions(stalls, 1.0) <= 2
+    assert regressions(steady, 1.0) <= 2
+    assert regressions(steady, 2.0) >= 90
 
 
 def test_too_little_traffic_is_inconclusive_and_a_freeze_holds_the_canary(
@@ -309,7 +347,7 @@ def test_too_little_traffic_is_inconclusive_and_a_freeze_holds_the_canary(
     finally:
         traffic.finish()
     # judged good, held by the freeze (a later look may still abort it: the message says why)
-    assert held["state"] == "running" and held["step"] == 0, held
+    assert held["state"] == "running" and held["step"] == 0, (held["last_check"] or {}).get("why")
     assert cli("release", "unfreeze")[0] == 0
 
 

@@ -75,9 +75,10 @@ class OnlineCheck:
 class Online:
     """How a live canary is judged against the stable release, on the same statistics as
     the offline gate: the candidate aborts when its rate of errors or failed checks is
-    significantly (at `alpha`) worse than stable's by more than the margin, or when its
-    p95 latency's bootstrap interval lies wholly above stable's p95 x (1 + latency_margin)
-    (judged once each side has serve.rollout.MIN_LATENCY_SAMPLES answers)."""
+    significantly (at `alpha`) worse than stable's by more than the margin, or when the
+    bootstrap interval of its p95 latency less stable's p95 x (1 + latency_margin), both
+    sides resampled, lies wholly above zero (judged once each side has
+    serve.rollout.MIN_LATENCY_SAMPLES answers)."""
 
     checks: tuple[OnlineCheck, ...] = ()
     error_margin: float = 0.02
