@@ -67,12 +67,8 @@ def percentile_interval(
     requests with replacement; deterministic for a given seed)."""
     if not values:
         return None, None
-    rng = random.Random(seed)
-    n = len(values)
-    estimates = sorted(
-        percentile([values[rng.randrange(n)] for _ in range(n)], q) for _ in range(resamples)
-    )
-    return estimates[int(0.025 * resamples)], estimates[int(0.975 * resamples) - 1]
+    estimates = np.sort(_bootstrap_percentiles(values, q, resamples, np.random.default_rng(seed)))
+    return _interval_95(estimates)
 
 
 def percentile_excess_interval(
@@ -84,27 +80,36 @@ def percentile_excess_interval(
     seed: int = 0,
 ) -> tuple[float, float]:
     """95% bootstrap interval of percentile_q(candidate) - factor x percentile_q(baseline),
-    resampling each side's values with replacement, independently (nearest rank, as
-    `percentile`; deterministic for a given seed). Both sides' percentiles are estimates,
-    so a comparison against the baseline's single figure would take its noise for a
-    regression."""
+    resampling each side's values with replacement, independently (deterministic for a
+    given seed). Both sides' percentiles are estimates, so a comparison against the
+    baseline's single figure would take its noise for a regression."""
     if not candidate or not baseline:
         raise ValueError("the bootstrap needs two non-empty lists")
     rng = np.random.default_rng(seed)
+    excess = _bootstrap_percentiles(candidate, q, resamples, rng) - factor * (
+        _bootstrap_percentiles(baseline, q, resamples, rng)
+    )
+    return _interval_95(np.sort(excess))
 
-    def estimates(values: list[float]) -> np.ndarray:
-        data = np.asarray(values, dtype=float)
-        n, rank = len(data), max(1, math.ceil(q / 100 * len(data)))
-        per_batch = max(1, _BOOTSTRAP_BATCH_VALUES // n)  # memory bounded on long windows
-        batches = []
-        for start in range(0, resamples, per_batch):
-            drawn = data[rng.integers(0, n, size=(min(per_batch, resamples - start), n))]
-            ranked = np.partition(drawn, rank - 1, axis=1)
-            batches.append(ranked[:, rank - 1].copy())  # a view would keep all of `ranked`
-        return np.concatenate(batches)
 
-    excess = np.sort(estimates(candidate) - factor * estimates(baseline))
-    return float(excess[int(0.025 * resamples)]), float(excess[int(0.975 * resamples) - 1])
+def _bootstrap_percentiles(
+    values: list[float], q: float, resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The nearest-rank q-th percentile (as `percentile`) of `resamples` resamples of
+    `values`, drawn in batches so that a long window stays in bounded memory."""
+    data = np.asarray(values, dtype=float)
+    n, rank = len(data), max(1, math.ceil(q / 100 * len(data)))
+    per_batch = max(1, _BOOTSTRAP_BATCH_VALUES // n)
+    batches = []
+    for start in range(0, resamples, per_batch):
+        drawn = data[rng.integers(0, n, size=(min(per_batch, resamples - start), n))]
+        ranked = np.partition(drawn, rank - 1, axis=1)
+        batches.append(ranked[:, rank - 1].copy())  # a view would keep all of `ranked`
+    return np.concatenate(batches)
+
+
+def _interval_95(ordered: np.ndarray) -> tuple[float, float]:
+    return float(ordered[int(0.025 * len(ordered))]), float(ordered[int(0.975 * len(ordered)) - 1])
 
 
 def rate_regression_p(
